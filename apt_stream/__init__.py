@@ -1,0 +1,2 @@
+"""apt-stream: streaming Attentional Ptycho-Tomography."""
+__version__ = "0.1.0"
