@@ -8,8 +8,8 @@ live demo (Tiled, Prefect, ZMQ) builds on top of this in ``apt_stream.demo``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,15 @@ import numpy as np
 from apt_stream.config import select_angles
 
 
-def _progress(progress_factory: Callable | None, description: str):
+@contextmanager
+def progress_context(progress_factory: Callable | None, description: str) -> Iterator:
+    """Yield an ``update(done, total)`` callback (or None) from a CLI progress-bar factory."""
     if progress_factory is None:
-        return nullcontext(), None
-    return progress_factory(description)
+        yield None
+        return
+    bar, update = progress_factory(description)
+    with bar:
+        yield update
 
 
 def approximant_of_scan(
@@ -40,9 +45,8 @@ def approximant_of_scan(
         rng = float(np.abs(scan.angles_deg).max()) if range_deg is None else range_deg
         n = scan.n_angles if n_angles is None else n_angles
         indices = select_angles(scan.angles_deg, n, rng)
-    bar, update = _progress(progress_factory, f"Approximant ({len(indices)} angles)")
     t0 = time.perf_counter()
-    with bar:
+    with progress_context(progress_factory, f"Approximant ({len(indices)} angles)") as update:
         engine = approximant_from_scan(
             scan, angle_indices=indices, batch_size=batch_size, progress=update
         )
@@ -116,8 +120,7 @@ def offline_demo(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     p = get_preset(preset)
-    bar, update = _progress(progress_factory, f"simulating {p.name} scan")
-    with bar:
+    with progress_context(progress_factory, f"simulating {p.name} scan") as update:
         scan = simulate_scan(p, seed=seed, progress=update)
     scan_path = write_scan(workdir / "scan.h5", scan)
     engine, indices, seconds = approximant_of_scan(scan, progress_factory=progress_factory)

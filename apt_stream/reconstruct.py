@@ -1,0 +1,185 @@
+"""Scan → Approximant → APT network (→ classical baselines), offline.
+
+The live pipeline calls the same pieces (``apt_volume``, ``baseline_volumes``) from its worker.
+Classical baselines reconstruct from per-angle projections; like the paper's, those come from a
+better-converged ptychographic reconstruction of each angle than the Approximant's two iterations
+(``BASELINE_ITERATIONS``), after phase-offset removal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from apt_stream.errors import ModelError
+
+#: The trained `cpu` network shipped inside the package (docs/model-card.md).
+DEFAULT_CHECKPOINT = Path(__file__).parent / "model" / "weights" / "apt-cpu.safetensors"
+BASELINE_ITERATIONS = 10
+BASELINES = ("fbp", "sirt", "sart")
+
+
+def load_model(checkpoint: str | Path | None = None, *, device: str = "cpu"):
+    """Load a checkpoint (default: the shipped model). Returns (model, metadata)."""
+    from apt_stream.model.checkpoint import load_checkpoint
+
+    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+    if not path.exists():
+        hint = "" if checkpoint else " (the package ships none: run `apt-stream train --preset cpu`)"
+        raise ModelError(f"model checkpoint {path} does not exist{hint}")
+    return load_checkpoint(path, map_location=device)
+
+
+def apt_volume(
+    model, approximant: np.ndarray, *, device: str = "cpu", dtype: str = "float32",
+    progress: Callable | None = None,
+) -> np.ndarray:
+    """Run the APT network over a whole Approximant by stitched patches (δ units if calibrated)."""
+    from apt_stream.model.inference import predict_volume
+
+    return predict_volume(model, approximant, device=device, dtype=dtype, progress=progress)
+
+
+def baseline_volumes(
+    angles_deg: np.ndarray, projections: np.ndarray, shape_zyx, *, which=BASELINES
+) -> dict[str, np.ndarray]:
+    """FBP, SIRT and SART (non-negative) from projections (N, ny, W) at ``angles_deg``."""
+    from apt_stream.physics import tomo
+
+    makers = {
+        "fbp": lambda: tomo.fbp(projections, angles_deg, shape_zyx),
+        "sirt": lambda: tomo.sirt(projections, angles_deg, shape_zyx, nonneg=True),
+        "sart": lambda: tomo.sart(projections, angles_deg, shape_zyx, nonneg=True),
+    }
+    return {name: np.asarray(makers[name](), dtype=np.float32) for name in which}
+
+
+def tomography_projections(
+    scan, angle_indices, *, iterations: int = BASELINE_ITERATIONS, progress: Callable | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-angle projections from ``iterations`` multislice iterations (for FBP/SIRT/SART)."""
+    from apt_stream.physics.engine import EngineOptions, approximant_from_scan
+
+    engine = approximant_from_scan(
+        scan, angle_indices=angle_indices, options=EngineOptions(iterations=iterations),
+        progress=progress,
+    )
+    return engine.projections()
+
+
+def match_to(volume: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Affinely map ``volume`` onto the reference's mean and spread (z-score, then rescale).
+
+    Reconstructions come in different units and scales (two-iteration δ, calibrated network output,
+    line-integral inversions); structure metrics such as MS-SSIM should not reward or punish a
+    global gain. Every method gets the same treatment.
+    """
+    v = np.asarray(volume, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    std = v.std()
+    return (((v - v.mean()) / (std if std > 0 else 1.0)) * r.std() + r.mean()).astype(np.float32)
+
+
+def score(volumes: Mapping[str, np.ndarray], truth, *, exclude_z=None) -> dict[str, dict]:
+    """The paper's four metrics of each volume against the ground truth (metal = labels >= 3)."""
+    from apt_stream.metrics import evaluate
+
+    metal = np.asarray(truth.labels) >= 3
+    return {
+        name: {
+            k: round(float(v), 4)
+            for k, v in evaluate(
+                match_to(vol, truth.delta), truth.delta, reference_binary=metal, exclude_z=exclude_z
+            ).items()
+        }
+        for name, vol in volumes.items()
+    }
+
+
+@dataclass
+class Reconstruction:
+    volumes: dict[str, np.ndarray]
+    angles_deg: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict] | None = None
+    model_meta: dict | None = None
+
+
+def reconstruct_scan(
+    scan,
+    *,
+    n_angles: int | None = None,
+    range_deg: float | None = None,
+    checkpoint: str | Path | None = None,
+    with_baselines: bool = False,
+    device: str = "cpu",
+    progress_factory: Callable | None = None,
+) -> Reconstruction:
+    """Approximant over the chosen angles, the APT volume, and optionally FBP/SIRT/SART."""
+    from apt_stream.pipeline import approximant_of_scan, progress_context
+
+    model, meta = load_model(checkpoint, device=device)
+    engine, indices, t_apx = approximant_of_scan(
+        scan, n_angles=n_angles, range_deg=range_deg, progress_factory=progress_factory
+    )
+    approximant = engine.volume()
+    t0 = time.perf_counter()
+    with progress_context(progress_factory, "APT network") as update:
+        apt = apt_volume(model, approximant, device=device, progress=update)
+    timings = {"approximant_s": t_apx, "network_s": time.perf_counter() - t0}
+    volumes = {"approximant": approximant, "apt": apt}
+    if with_baselines:
+        t0 = time.perf_counter()
+        with progress_context(progress_factory, "projections for baselines") as update:
+            angles, projections = tomography_projections(scan, indices, progress=update)
+        volumes.update(baseline_volumes(angles, projections, scan.volume_shape_zyx))
+        timings["baselines_s"] = time.perf_counter() - t0
+    metrics = score(volumes, scan.truth) if scan.truth is not None else None
+    return Reconstruction(
+        volumes=volumes, angles_deg=scan.angles_deg[indices], timings=timings, metrics=metrics,
+        model_meta=meta,
+    )
+
+
+def reconstruct_file(
+    scan_path: str | Path,
+    output: str | Path,
+    *,
+    n_angles: int | None = None,
+    range_deg: float | None = None,
+    checkpoint: str | Path | None = None,
+    with_baselines: bool = False,
+    png: str | Path | None = None,
+    progress_factory: Callable | None = None,
+) -> dict:
+    from apt_stream.io import read_scan, write_volumes
+
+    scan = read_scan(scan_path)
+    rec = reconstruct_scan(
+        scan, n_angles=n_angles, range_deg=range_deg, checkpoint=checkpoint,
+        with_baselines=with_baselines, progress_factory=progress_factory,
+    )
+    meta = rec.model_meta or {}
+    attrs = {
+        "source": str(scan_path),
+        "angles_deg": [float(a) for a in rec.angles_deg],
+        "model": meta.get("preset", "?"),
+        "model_sha256": meta.get("sha256", ""),
+        "timings": {k: round(v, 3) for k, v in rec.timings.items()},
+    }
+    if rec.metrics:
+        attrs["metrics"] = rec.metrics
+    write_volumes(output, rec.volumes, voxel_size_m=scan.object_pixel_m, attrs=attrs)
+    summary = {"output": str(output), **attrs}
+    if png is not None:
+        from apt_stream.figures import cross_sections_png
+
+        shown = dict(rec.volumes)
+        if scan.truth is not None:
+            shown["truth"] = scan.truth.delta
+        summary["png"] = str(cross_sections_png(shown, png, title=f"{len(rec.angles_deg)} angles"))
+    return summary
