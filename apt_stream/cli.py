@@ -178,6 +178,76 @@ def demo(
         _print_json(summary)
 
 
+@app.command()
+def reconstruct(
+    scan_path: Annotated[Path, typer.Argument(help="Scan file (.h5).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Volume file to write.")],
+    angles: Annotated[Optional[int], typer.Option(help="Use N angles spread over ±RANGE.")] = 29,
+    range_deg: Annotated[float, typer.Option("--range", help="Angular range ±deg.")] = 17.0,
+    baselines: Annotated[bool, typer.Option(help="Also FBP, SIRT and SART on the same angles.")] = False,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="Network checkpoint (default: the shipped cpu model).")
+    ] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Also write cross-sections to this PNG.")] = None,
+) -> None:
+    """Approximant → APT network (→ baselines) on N angles within ±RANGE; writes volumes."""
+    with _errors():
+        from apt_stream.reconstruct import reconstruct_file
+
+        summary = reconstruct_file(
+            scan_path, output, n_angles=angles, range_deg=range_deg, checkpoint=checkpoint,
+            with_baselines=baselines, png=png, progress_factory=progress_bar,
+        )
+        _print_json(summary)
+
+
+@model_app.command("info")
+def model_info(
+    preset: Annotated[str, typer.Option(help="Network preset: cpu | paper.")] = "cpu",
+) -> None:
+    """Layer output shapes and parameter counts of a network preset."""
+    with _errors():
+        from apt_stream.model.presets import model_info_table
+
+        out.print(model_info_table(preset))
+
+
+@app.command()
+def train(
+    preset: Annotated[str, typer.Option(help="Network preset to train.")] = "cpu",
+    data: Annotated[Path, typer.Option(help="Pair cache (built if missing).")] = Path(
+        "runs/pairs-demo.h5"
+    ),
+    out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint folder.")] = Path("runs/apt-cpu"),
+    epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 120,
+    train_phantoms: Annotated[int, typer.Option(help="Phantoms for training.")] = 24,
+    val_phantoms: Annotated[int, typer.Option(help="Phantoms for validation.")] = 4,
+    test_phantoms: Annotated[int, typer.Option(help="Held-out phantoms for evaluate.")] = 4,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/last.safetensors.")] = False,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+) -> None:
+    """Simulate training pairs (demo preset, 29 angles over ±17°) and train the APT network."""
+    with _errors():
+        from apt_stream.model.presets import create_model
+        from apt_stream.model.train import train as train_model
+        from apt_stream.training_data import build_pair_cache
+
+        counts = {"train": train_phantoms, "val": val_phantoms, "test": test_phantoms}
+        progress, update = progress_bar("simulating training pairs")
+        with progress:
+            build_pair_cache(data, preset="demo", counts=counts, progress=update)
+        model = create_model(preset)
+        result = train_model(
+            model, data, data, epochs=epochs, out_dir=out_dir, resume=resume or None, seed=seed,
+            provenance={"pair_cache": str(data), "phantoms": counts, "simulator_preset": "demo"},
+        )
+        _print_json({
+            "best": str(result.best_path), "best_epoch": result.best_epoch,
+            "best_val_loss": result.best_val_loss,
+            "ship_with": f"cp {result.best_path} apt_stream/model/weights/apt-cpu.safetensors",
+        })
+
+
 # ------------------------------------------------------------------------------------------------
 # bench
 # ------------------------------------------------------------------------------------------------

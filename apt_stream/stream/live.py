@@ -1,0 +1,318 @@
+"""Live reconstruction: frame batches -> streaming Approximant -> trigger -> APT volumes -> sink.
+
+The listener thread only *submits* messages (:meth:`LiveReconstructor.submit`, also the object's
+``__call__``, so it can be the assembler's ``emit``). A worker thread does the per-angle compute
+and calls the sink. Between them is a queue bounded in **frames** (``max_queued_frames``): while
+the backlog is below the bound, submitting never blocks; at the bound the listener waits for the
+worker (backpressure, counted in ``listener_wait_s``) rather than dropping frames — the 0MQ
+receive buffer then absorbs the documents, which are small because frames travel by file.
+``metrics()`` reports the backlog (now and at most) for keep-up benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from apt_stream.errors import ConfigError, ServiceError
+from apt_stream.stream.messages import FrameBatch, Message, RunHeader, RunStopped
+from apt_stream.stream.sink import ReconstructionSink, RunStatus
+from apt_stream.stream.trigger import TriggerPolicy, TriggerState
+
+log = logging.getLogger(__name__)
+
+
+class StreamingEngine(Protocol):
+    """What ``engine_factory(header)`` returns (``apt_stream.physics.engine.StreamingApproximant``)."""
+
+    def add_frames(self, angle_id: int, angle_deg: float, frames: np.ndarray,
+                   positions_px: np.ndarray) -> Any: ...
+
+    def finish_angle(self, angle_id: int) -> Any: ...
+
+    def volume(self) -> np.ndarray: ...
+
+    def finished_angles_deg(self) -> list[float]: ...
+
+
+EngineFactory = Callable[[RunHeader], StreamingEngine]
+ReconstructFn = Callable[[np.ndarray, RunHeader], dict[str, np.ndarray]]
+
+_CLOSE = object()
+
+
+@dataclass
+class _LiveRun:
+    header: RunHeader
+    engine: StreamingEngine | None
+    trigger: TriggerState
+    started: float = field(default_factory=time.perf_counter)
+    angles_with_frames: set[int] = field(default_factory=set)
+    volumes: dict[str, np.ndarray] | None = None
+    n_at_volumes: int = 0
+    failed: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class LiveReconstructor:
+    """Consume RunHeader / FrameBatch / RunStopped messages and drive one engine per run.
+
+    Parameters
+    ----------
+    sink
+        Receives results (:class:`~apt_stream.stream.sink.ReconstructionSink`).
+    engine_factory
+        ``engine_factory(header)`` -> a streaming engine for that run.
+    reconstruct_fn
+        ``reconstruct_fn(approximant_volume, header)`` -> dict of named volumes (z, y, x).
+    policy
+        When to reconstruct (default: N* = 29 angles covering ±17°).
+    max_queued_frames
+        Backlog bound in frames (one oversized batch is still accepted when the queue is empty).
+    start
+        Start the worker thread now (else call :meth:`start`).
+    """
+
+    def __init__(
+        self,
+        sink: ReconstructionSink,
+        *,
+        engine_factory: EngineFactory,
+        reconstruct_fn: ReconstructFn,
+        policy: TriggerPolicy | None = None,
+        max_queued_frames: int = 8192,
+        start: bool = True,
+    ) -> None:
+        if max_queued_frames < 1:
+            raise ConfigError(f"max_queued_frames must be >= 1, got {max_queued_frames}")
+        self.sink = sink
+        self.engine_factory = engine_factory
+        self.reconstruct_fn = reconstruct_fn
+        self.policy = policy or TriggerPolicy()
+        self.max_queued_frames = int(max_queued_frames)
+        self._queue: deque = deque()
+        self._cond = threading.Condition()
+        self._queued_frames = 0
+        self._busy = False
+        self._closed = False
+        self._runs: dict[str, _LiveRun] = {}
+        #: Final status and numbers of every run seen, by run uid.
+        self.run_stats: dict[str, dict[str, Any]] = {}
+        self._metrics = {
+            "max_backlog_frames": 0, "max_backlog_messages": 0, "frames_processed": 0,
+            "batches_processed": 0, "angles_finished": 0, "reconstructions": 0,
+            "listener_wait_s": 0.0, "worker_busy_s": 0.0, "sink_errors": 0, "worker_errors": 0,
+        }
+        self._thread = threading.Thread(target=self._work, name="apt-live-worker", daemon=True)
+        if start:
+            self.start()
+
+    # -- listener side -----------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def submit(self, message: Message) -> None:
+        """Queue a message for the worker; blocks only while the frame backlog is at its bound."""
+        if not isinstance(message, RunHeader | FrameBatch | RunStopped):
+            raise ConfigError(f"cannot submit {type(message).__name__}; expected a stream message")
+        n = message.n_frames if isinstance(message, FrameBatch) else 0
+        with self._cond:
+            if self._closed:
+                raise ServiceError("LiveReconstructor is closed")
+            t0 = None
+            while n and self._queued_frames and self._queued_frames + n > self.max_queued_frames:
+                t0 = t0 if t0 is not None else time.perf_counter()
+                self._cond.wait(0.1)
+            if t0 is not None:
+                self._metrics["listener_wait_s"] += time.perf_counter() - t0
+            self._queue.append(message)
+            self._queued_frames += n
+            m = self._metrics
+            m["max_backlog_frames"] = max(m["max_backlog_frames"], self._queued_frames)
+            m["max_backlog_messages"] = max(m["max_backlog_messages"], len(self._queue))
+            self._cond.notify_all()
+
+    __call__ = submit
+
+    def metrics(self) -> dict[str, Any]:
+        """Backlog and throughput counters (a snapshot; safe from any thread)."""
+        with self._cond:
+            out = dict(self._metrics)
+            out.update(queued_frames=self._queued_frames, queued_messages=len(self._queue),
+                       active_runs=len(self._runs), busy=self._busy)
+        return out
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted message is processed; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 0.5)
+        return True
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Process what is queued, then stop the worker."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.append(_CLOSE)
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> LiveReconstructor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- worker side -------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                item = self._queue.popleft()
+                if item is _CLOSE:
+                    self._cond.notify_all()
+                    return
+                self._busy = True
+            t0 = time.perf_counter()
+            try:
+                self._handle(item)
+            except Exception:
+                self._metrics["worker_errors"] += 1
+                log.exception("live reconstruction failed on %s", type(item).__name__)
+            finally:
+                with self._cond:
+                    if isinstance(item, FrameBatch):
+                        self._queued_frames -= item.n_frames
+                    self._busy = False
+                    self._metrics["worker_busy_s"] += time.perf_counter() - t0
+                    self._cond.notify_all()
+
+    def _sink(self, method: str, *args, **kwargs) -> None:
+        try:
+            getattr(self.sink, method)(*args, **kwargs)
+        except Exception:
+            self._metrics["sink_errors"] += 1
+            log.exception("sink %s.%s failed", type(self.sink).__name__, method)
+
+    def _handle(self, item: Message) -> None:
+        if isinstance(item, RunHeader):
+            self._start_run(item)
+        elif isinstance(item, FrameBatch):
+            self._batch(item)
+        else:
+            self._stop_run(item)
+
+    def _start_run(self, header: RunHeader) -> None:
+        if header.run_uid in self._runs:
+            log.warning("run %s started twice; the second header is ignored", header.run_uid)
+            return
+        run = _LiveRun(header=header, engine=None,
+                       trigger=self.policy.new_run(nominal_step_deg=header.nominal_step_deg))
+        self._runs[header.run_uid] = run
+        self._sink("run_started", header)
+        try:
+            run.engine = self.engine_factory(header)
+        except Exception as exc:
+            self._fail(run, f"engine could not be built: {exc!r}")
+
+    def _fail(self, run: _LiveRun, why: str) -> None:
+        log.error("run %s failed: %s", run.header.run_uid, why)
+        run.failed = True
+        run.stats["error"] = why
+        self._record(run, "failed")
+        self._sink("run_stopped", run.header.run_uid, "failed")
+
+    def _batch(self, batch: FrameBatch) -> None:
+        run = self._runs.get(batch.run_uid)
+        if run is None:
+            log.warning("frames for unknown run %s ignored", batch.run_uid)
+            return
+        if run.failed or run.engine is None:
+            return
+        engine = run.engine
+        try:
+            if batch.n_frames:
+                engine.add_frames(batch.angle_id, batch.angle_deg, batch.frames, batch.positions_px)
+                run.angles_with_frames.add(batch.angle_id)
+                self._metrics["frames_processed"] += batch.n_frames
+            self._metrics["batches_processed"] += 1
+            if not batch.angle_complete:
+                return
+            if batch.angle_id not in run.angles_with_frames:
+                log.warning("run %s angle %d completed without usable frames; skipped",
+                            batch.run_uid, batch.angle_id)
+                return
+            summary = engine.finish_angle(batch.angle_id)
+            self._metrics["angles_finished"] += 1
+            self._sink("angle_finished", batch.run_uid, summary, engine)
+            finished = engine.finished_angles_deg()
+            decision = run.trigger.update(finished)
+            if decision is not None:
+                if decision == "fire":
+                    run.stats["fired_after_s"] = time.perf_counter() - run.started
+                    run.stats["fired_at_n"] = run.trigger.fired_at_n
+                self._reconstruct(run, len(finished), final=False)
+        except Exception as exc:
+            self._fail(run, f"{type(exc).__name__}: {exc}")
+
+    def _reconstruct(self, run: _LiveRun, n_finished: int, *, final: bool) -> None:
+        volumes = self.reconstruct_fn(run.engine.volume(), run.header)
+        if not isinstance(volumes, dict):
+            raise ConfigError(f"reconstruct_fn must return a dict of volumes, got {type(volumes)}")
+        run.volumes, run.n_at_volumes = volumes, n_finished
+        self._metrics["reconstructions"] += 1
+        self._sink("reconstruction_ready", run.header.run_uid, volumes, final=final)
+
+    def _stop_run(self, stopped: RunStopped) -> None:
+        run = self._runs.pop(stopped.run_uid, None)
+        if run is None:
+            log.warning("stop for unknown run %s ignored", stopped.run_uid)
+            return
+        run.stats.update(exit_status=stopped.exit_status, reason=stopped.reason,
+                         frames_dropped=stopped.n_dropped)
+        if run.failed:
+            return
+        status: RunStatus = "stopped_before_trigger"
+        if run.trigger.fired:
+            try:
+                n = len(run.engine.finished_angles_deg())
+                if run.volumes is None or n > run.n_at_volumes:
+                    self._reconstruct(run, n, final=True)
+                else:
+                    # Nothing new since the triggered reconstruction: re-announce it as final.
+                    self._sink("reconstruction_ready", run.header.run_uid, run.volumes, final=True)
+                status = "done"
+            except Exception as exc:
+                self._fail(run, f"final reconstruction: {type(exc).__name__}: {exc}")
+                return
+        self._record(run, status)
+        self._sink("run_stopped", run.header.run_uid, status)
+
+    def _record(self, run: _LiveRun, status: RunStatus) -> None:
+        engine = run.engine
+        n_angles = len(engine.finished_angles_deg()) if engine is not None else 0
+        self.run_stats[run.header.run_uid] = {
+            **run.stats, "status": status, "angles_finished": n_angles,
+            "seconds": time.perf_counter() - run.started,
+        }
+
+    def status(self, run_uid: str) -> str | None:
+        """The final status of a stopped (or failed) run, None while it runs or if unknown."""
+        stats = self.run_stats.get(run_uid)
+        return None if stats is None else stats["status"]
