@@ -248,6 +248,26 @@ def train(
         })
 
 
+@app.command()
+def replay(
+    scan_path: Annotated[Path, typer.Argument(help="Scan file to publish.")],
+    zmq: Annotated[str, typer.Option("--zmq", help="0MQ proxy input, e.g. tcp://127.0.0.1:5577.")],
+    rate: Annotated[Optional[float], typer.Option("--rate", help="Frames per second (default: as fast as possible).")] = None,
+    data_root: Annotated[
+        Optional[Path], typer.Option(help="Where the simulated detector writes (default: SCAN's folder/runs).")
+    ] = None,
+    serializer: Annotated[str, typer.Option(help="msgpack | json")] = "msgpack",
+) -> None:
+    """Publish a scan file as a live Bluesky document stream (RunEngine + zmq Publisher)."""
+    with _errors():
+        from apt_stream.plugins.bluesky.replay import replay_scan
+
+        uid = replay_scan(
+            scan_path, zmq_address=zmq, rate_hz=rate, data_root=data_root, serializer=serializer
+        )
+        out.print(f"published run {uid}")
+
+
 # ------------------------------------------------------------------------------------------------
 # bench
 # ------------------------------------------------------------------------------------------------
