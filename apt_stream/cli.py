@@ -12,7 +12,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -96,9 +96,9 @@ def _print_json(data) -> None:
 def simulate(
     out_path: Annotated[Path, typer.Argument(help="Scan file to write (.h5).")],
     preset: Annotated[str, typer.Option(help="tiny | demo | paper")] = "demo",
-    angles: Annotated[Optional[int], typer.Option(help="Number of angles (default: preset).")] = None,
+    angles: Annotated[int | None, typer.Option(help="Number of angles (default: preset).")] = None,
     range_deg: Annotated[
-        Optional[float], typer.Option("--range", help="Angles span ±RANGE degrees.")
+        float | None, typer.Option("--range", help="Angles span ±RANGE degrees.")
     ] = None,
     gold: Annotated[bool, typer.Option(help="Use the preset's many-angle gold scan.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of phantom, positions and noise.")] = 0,
@@ -144,12 +144,12 @@ def validate(
 def approximant(
     scan_path: Annotated[Path, typer.Argument(help="Scan file (.h5).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Volume file to write.")],
-    angles: Annotated[Optional[int], typer.Option(help="Use N angles spread over ±RANGE.")] = None,
-    range_deg: Annotated[Optional[float], typer.Option("--range", help="Angular range ±deg.")] = None,
+    angles: Annotated[int | None, typer.Option(help="Use N angles spread over ±RANGE.")] = None,
+    range_deg: Annotated[float | None, typer.Option("--range", help="Angular range ±deg.")] = None,
     batch_size: Annotated[
-        Optional[int], typer.Option(help="Stream frames in batches of this size (default: whole angle).")
+        int | None, typer.Option(help="Stream frames in batches of this size (default: whole angle).")
     ] = None,
-    png: Annotated[Optional[Path], typer.Option(help="Also write cross-sections to this PNG.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Also write cross-sections to this PNG.")] = None,
 ) -> None:
     """Compute the multislice Approximant of a scan (optionally of an angle subset)."""
     with _errors():
@@ -182,13 +182,13 @@ def demo(
 def reconstruct(
     scan_path: Annotated[Path, typer.Argument(help="Scan file (.h5).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Volume file to write.")],
-    angles: Annotated[Optional[int], typer.Option(help="Use N angles spread over ±RANGE.")] = 29,
+    angles: Annotated[int | None, typer.Option(help="Use N angles spread over ±RANGE.")] = 29,
     range_deg: Annotated[float, typer.Option("--range", help="Angular range ±deg.")] = 17.0,
     baselines: Annotated[bool, typer.Option(help="Also FBP, SIRT and SART on the same angles.")] = False,
     checkpoint: Annotated[
-        Optional[Path], typer.Option(help="Network checkpoint (default: the shipped cpu model).")
+        Path | None, typer.Option(help="Network checkpoint (default: the shipped cpu model).")
     ] = None,
-    png: Annotated[Optional[Path], typer.Option(help="Also write cross-sections to this PNG.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Also write cross-sections to this PNG.")] = None,
 ) -> None:
     """Approximant → APT network (→ baselines) on N angles within ±RANGE; writes volumes."""
     with _errors():
@@ -252,9 +252,9 @@ def train(
 def replay(
     scan_path: Annotated[Path, typer.Argument(help="Scan file to publish.")],
     zmq: Annotated[str, typer.Option("--zmq", help="0MQ proxy input, e.g. tcp://127.0.0.1:5577.")],
-    rate: Annotated[Optional[float], typer.Option("--rate", help="Frames per second (default: as fast as possible).")] = None,
+    rate: Annotated[float | None, typer.Option("--rate", help="Frames per second (default: as fast as possible).")] = None,
     data_root: Annotated[
-        Optional[Path], typer.Option(help="Where the simulated detector writes (default: SCAN's folder/runs).")
+        Path | None, typer.Option(help="Where the simulated detector writes (default: SCAN's folder/runs).")
     ] = None,
     serializer: Annotated[str, typer.Option(help="msgpack | json")] = "msgpack",
 ) -> None:
@@ -268,6 +268,26 @@ def replay(
         out.print(f"published run {uid}")
 
 
+@app.command()
+def evaluate(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where results.md and figures go.")] = Path("docs"),
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (default: shipped model).")] = None,
+    phantoms: Annotated[int, typer.Option(help="Held-out phantoms to average over.")] = 2,
+    sweeps: Annotated[bool, typer.Option(help="Also sweep N and θ (paper Figs. 3 and 5).")] = True,
+) -> None:
+    """APT vs FBP/SIRT/SART and the gold standard on held-out phantoms; writes results.md + PNGs."""
+    with _errors():
+        from apt_stream.evaluation import run_evaluation, write_results_md
+
+        figures_dir = out_dir / "figures"
+        summary = run_evaluation(
+            figures_dir, checkpoint=checkpoint, n_phantoms=phantoms, sweeps=sweeps,
+            progress=lambda msg: console.print(f"[dim]{msg}[/]"),
+        )
+        md = write_results_md(summary, out_dir / "results.md", command=" ".join(["apt-stream", *sys.argv[1:]]))
+        _print_json({"results": str(md), "main": summary["main"]})
+
+
 # ------------------------------------------------------------------------------------------------
 # bench
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +298,7 @@ def bench_approximant(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     quick: Annotated[bool, typer.Option(help="Small sizes and one repeat (smoke test).")] = False,
     ptychi: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Python of a separate venv with ptychi installed, to compare against."),
     ] = None,
 ) -> None:

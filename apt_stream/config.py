@@ -233,14 +233,3 @@ def select_angles(available_deg, n: int, range_deg: float):
         chosen.append(best)
         free.remove(best)
     return np.array(sorted(chosen, key=lambda i: angles[i]), dtype=int)
-
-
-def n_positions_estimate(preset: Preset) -> int:
-    """Frames per angle for a raster scan of the preset (for progress bars and docs)."""
-    nz, ny, nx = preset.phantom.shape_zyx
-    lateral = math.ceil(math.hypot(nz, nx))
-    f = preset.probe.frame_px
-    step = preset.scan.step_px
-    jx = int(lateral // step) + 1
-    jy = int(ny // step) + 1
-    return jx * jy

@@ -38,10 +38,10 @@ from apt_stream.errors import InputError
 from apt_stream.physics import geometry
 from apt_stream.physics.multislice import (
     PatchIndex,
-    probe_illumination,
     angular_spectrum_kernel,
     extract_patches,
     loss_and_gradient,
+    probe_illumination,
     scatter_patches,
     shifted_probes,
 )
@@ -498,6 +498,8 @@ class AngleSummary:
     #: projection classical tomography (FBP/SIRT/SART) reconstructs from
     projection: np.ndarray | None = field(default=None, repr=False)
     slices: torch.Tensor | None = field(default=None, repr=False)
+    #: per-slab δ estimates after offset removal (L, Ny, Nx), kept with ``keep_slices``
+    delta: torch.Tensor | None = field(default=None, repr=False)
 
 
 class StreamingApproximant:
@@ -584,6 +586,7 @@ class StreamingApproximant:
             loss_pass2=state.losses[-1],
             projection=projection.astype(np.float32),
             slices=slices.clone() if self.keep_slices else None,
+            delta=delta.clone() if self.keep_slices else None,
         )
         state.release_frames()
         del self._states[angle_id]
