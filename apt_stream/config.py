@@ -6,7 +6,6 @@ live here. See docs/conventions.md for the physical conventions every number ref
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
