@@ -313,6 +313,22 @@ def bench_approximant(
             _print_json(result)
 
 
+@bench_app.command("inference")
+def bench_inference(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    quick: Annotated[bool, typer.Option(help="One small case (smoke test).")] = False,
+) -> None:
+    """Voxels/s of stitched inference, eager fp32 vs the optimised path, with the PCC difference."""
+    with _errors():
+        from apt_stream.benchmarks.benchmark_inference import run_all
+
+        result = run_all(quick=quick)
+        if as_json:
+            print(json.dumps(result, indent=2, default=float))
+        else:
+            _print_json(result)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

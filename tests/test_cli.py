@@ -1,0 +1,120 @@
+"""The apt-stream command line, run in-process through typer's runner on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from apt_stream.cli import app
+from apt_stream.io import read_volumes, validate_scan
+
+runner = CliRunner()
+
+
+def _json_tail(output: str) -> dict:
+    """The JSON object a command prints last (progress bars go to stderr)."""
+    start = output.index("{")
+    return json.loads(output[start:])
+
+
+@pytest.fixture(scope="module")
+def tiny_scan_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.h5"
+    result = runner.invoke(app, ["simulate", str(path), "--preset", "tiny", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_simulate_writes_a_valid_scan(tiny_scan_file):
+    summary = validate_scan(tiny_scan_file)
+    assert summary["n_angles"] == 7
+    with h5py.File(tiny_scan_file) as f:
+        assert "ground_truth" in f["/entry/sample"]
+
+
+def test_simulate_angle_overrides(tmp_path):
+    path = tmp_path / "five.h5"
+    result = runner.invoke(
+        app, ["simulate", str(path), "--preset", "tiny", "--angles", "5", "--range", "30"]
+    )
+    assert result.exit_code == 0, result.output
+    assert validate_scan(path)["n_angles"] == 5
+
+
+def test_validate_ok_and_bad(tiny_scan_file, tmp_path):
+    ok = runner.invoke(app, ["validate", str(tiny_scan_file)])
+    assert ok.exit_code == 0 and "ok" in ok.output
+    bad = tmp_path / "bad.h5"
+    bad.write_text("not an hdf5 file")
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 1
+    assert "error" in result.output and "ScanFormatError" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_approximant_subset_and_png(tiny_scan_file, tmp_path):
+    out = tmp_path / "apx.h5"
+    png = tmp_path / "apx.png"
+    result = runner.invoke(
+        app,
+        ["approximant", str(tiny_scan_file), "-o", str(out), "--angles", "5", "--range", "17",
+         "--png", str(png), "--batch-size", "4"],
+    )
+    assert result.exit_code == 0, result.output
+    summary = _json_tail(result.output)
+    assert summary["angles"] == 5
+    assert summary["pcc_vs_truth"] > 0.2
+    volumes, attrs = read_volumes(out)
+    assert volumes["approximant"].shape == (12, 24, 32)
+    assert np.isfinite(volumes["approximant"]).all()
+    assert len(attrs["angles_deg"]) == 5
+    assert png.stat().st_size > 10_000
+
+
+def test_approximant_too_many_angles_is_a_clear_error(tiny_scan_file, tmp_path):
+    result = runner.invoke(
+        app, ["approximant", str(tiny_scan_file), "-o", str(tmp_path / "x.h5"), "--angles", "50"]
+    )
+    assert result.exit_code == 1
+    assert "asked for 50 angles" in result.output
+
+
+def test_unknown_preset_lists_valid_names(tmp_path):
+    result = runner.invoke(app, ["simulate", str(tmp_path / "x.h5"), "--preset", "huge"])
+    assert result.exit_code == 1
+    assert "tiny" in result.output and "demo" in result.output
+
+
+def test_missing_scan_file_is_one_line(tmp_path):
+    result = runner.invoke(app, ["approximant", str(tmp_path / "nope.h5"), "-o", str(tmp_path / "o.h5")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+
+
+def test_model_info_paper_preset_counts_59m():
+    result = runner.invoke(app, ["model", "info", "--preset", "paper"])
+    assert result.exit_code == 0, result.output
+    assert "59,494,257" in result.output
+
+
+def test_bench_approximant_quick_reports_ratios():
+    result = runner.invoke(app, ["bench", "approximant", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    data = _json_tail(result.output)
+    row = data["rows"][0]
+    for key in ("engine_frames_per_s", "fft_floor_frames_per_s", "engine_over_floor",
+                "engine_fidelity_pcc", "autograd_fidelity_pcc"):
+        assert row[key] > 0
+    # The hand adjoint and autograd compute the same two iterations.
+    assert abs(row["engine_fidelity_pcc"] - row["autograd_fidelity_pcc"]) < 0.02
+
+
+@pytest.mark.parametrize("command", [[], ["simulate"], ["bench"], ["model"], ["replay"]])
+def test_help_everywhere(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage" in result.output
