@@ -267,6 +267,8 @@ class LiveReconstructor:
                 if decision == "fire":
                     run.stats["fired_after_s"] = time.perf_counter() - run.started
                     run.stats["fired_at_n"] = run.trigger.fired_at_n
+                    # Latency is measured from here: the last frame the trigger needed had arrived.
+                    run.stats["trigger_frame_received_at"] = batch.received_at
                 self._reconstruct(run, len(finished), final=False)
         except Exception as exc:
             self._fail(run, f"{type(exc).__name__}: {exc}")

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +81,8 @@ class FrameBatch:
     positions_px: np.ndarray = field(repr=False)
     angle_complete: bool = False
     n_dropped: int = 0
+    #: wall-clock time (time.time()) the batch was assembled: when its last frame had arrived
+    received_at: float = field(default_factory=time.time, compare=False)
 
     @property
     def n_frames(self) -> int:
