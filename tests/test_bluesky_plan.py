@@ -8,6 +8,10 @@ import threading
 import h5py
 import numpy as np
 import pytest
+from event_model import DocumentNames, schema_validators
+
+from apt_stream.errors import InputError, ServiceError
+from apt_stream.io import write_scan
 from apt_stream.plugins.bluesky import (
     FrameSource,
     SimPtychoDetector,
@@ -20,10 +24,6 @@ from apt_stream.plugins.bluesky import (
     synthetic_scan,
     wait_for_link,
 )
-from event_model import DocumentNames, schema_validators
-
-from apt_stream.errors import InputError, ServiceError
-from apt_stream.io import write_scan
 from apt_stream.stream.paths import path_from_uri
 from apt_stream.stream.schema import (
     ANGLES_STREAM,

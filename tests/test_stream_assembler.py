@@ -8,6 +8,9 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+
+from apt_stream.errors import ConfigError, DocumentError
+from apt_stream.io import write_scan
 from apt_stream.plugins.bluesky import (
     SimPtychoDetector,
     make_run_engine,
@@ -15,9 +18,6 @@ from apt_stream.plugins.bluesky import (
     ptycho_tomo_plan,
     synthetic_scan,
 )
-
-from apt_stream.errors import ConfigError, DocumentError
-from apt_stream.io import write_scan
 from apt_stream.stream import FrameBatch, RunAssembler, RunHeader, RunStopped, ScanFileSource
 from apt_stream.stream.paths import DataRoots, file_uri
 from apt_stream.stream.schema import APT_KEY, FRAMES_DATASET

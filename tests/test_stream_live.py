@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 import pytest
-from apt_stream.plugins.bluesky import synthetic_scan
 
 from apt_stream.errors import ConfigError, InputError
+from apt_stream.plugins.bluesky import synthetic_scan
 from apt_stream.stream import (
     FrameBatch,
     LiveReconstructor,

@@ -7,6 +7,9 @@ import os
 
 import numpy as np
 import pytest
+from event_model import sanitize_doc
+
+from apt_stream.errors import DocumentError
 from apt_stream.plugins.bluesky import (
     SimPtychoDetector,
     make_run_engine,
@@ -14,9 +17,6 @@ from apt_stream.plugins.bluesky import (
     ptycho_tomo_plan,
     synthetic_scan,
 )
-from event_model import sanitize_doc
-
-from apt_stream.errors import DocumentError
 from apt_stream.stream import (
     DocumentPipeline,
     FileDocumentSource,

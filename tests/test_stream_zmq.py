@@ -7,6 +7,8 @@ import threading
 
 import numpy as np
 import pytest
+from bluesky.callbacks.zmq import Publisher
+
 from apt_stream.plugins.bluesky import (
     SimPtychoDetector,
     make_publisher,
@@ -18,8 +20,6 @@ from apt_stream.plugins.bluesky import (
     synthetic_scan,
     wait_for_link,
 )
-from bluesky.callbacks.zmq import Publisher
-
 from apt_stream.stream import (
     FrameBatch,
     Listener,

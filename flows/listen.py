@@ -1,0 +1,199 @@
+"""``listen``: the long-running flow that follows a beamline's 0MQ proxy and reconstructs scans.
+
+It starts the library's live path — :class:`~apt_stream.stream.Listener` (0MQ source, recovery,
+spool, run assembler) feeding a :class:`~apt_stream.stream.LiveReconstructor` — with a
+:class:`~apt_stream.flows.relay.LiveBridge` as the reconstructor's sink, then runs one
+``reconstruct_scan`` flow run per scan as the runs arrive, until told to stop.
+
+Configuration is JSON (:class:`ListenConfig`), so a deployment can carry it. The Tiled API key is
+never a parameter (Prefect stores parameters): the flow reads it from the environment variable
+named by ``tiled_api_key_env``. In-process callers pass live objects — a publisher, their own
+engine factory and reconstruct function, a ground-truth function, a stop event — as
+:class:`LiveResources`, which Prefect does not try to store.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from apt_stream.errors import ConfigError, ServiceError
+from apt_stream.publish.server import API_KEY_ENV, URI_ENV, TiledEndpoint
+
+from . import tasks
+from .reconstruct import reconstruct_scan
+from .relay import LiveBridge
+
+
+class ListenConfig(BaseModel):
+    """Everything the ``listen`` flow needs, as JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    proxy_address: str = Field("tcp://127.0.0.1:5578", description="the 0MQ proxy's output")
+    data_roots: list[str] = Field(min_length=1, description="folders frames may be read from")
+    spool_dir: str | None = Field(None, description="per-run document spool (None: none)")
+    tiled_uri: str | None = Field(
+        None, description=f"Tiled API address; None: ${URI_ENV}; neither: backup only"
+    )
+    tiled_api_key_env: str = Field(API_KEY_ENV, description="environment variable with the key")
+    backup_dir: str = Field("apt-stream-backup", description="JSON-lines backup when Tiled is down")
+    approximant_every_s: float = Field(
+        2.0, ge=0, description="least time between Approximant uploads (rows go up every angle)"
+    )
+    preview_dir: str | None = Field(None, description="slice-preview PNGs (None: temp dir)")
+    checkpoint: str | None = Field(None, description="APT network checkpoint (.safetensors)")
+    device: str = Field("cpu", description="torch device for the engine and the network")
+    n_star: int = Field(29, ge=1, description="N*: finished angles that trigger inference")
+    theta_star_deg: float = Field(17.0, ge=0, le=90, description="θ*: half-range they must cover")
+    max_duration_s: float | None = Field(None, gt=0, description="stop after this long")
+    max_runs: int | None = Field(None, ge=1, description="stop after this many scans")
+    stop_file: str | None = Field(None, description="stop when this file appears")
+    attach_timeout_s: float = Field(30.0, gt=0, description="wait for a flow to take a new run")
+
+    def tiled_endpoint(self, environ: dict[str, str] | None = None) -> TiledEndpoint | None:
+        env = os.environ if environ is None else environ
+        uri = self.tiled_uri or env.get(URI_ENV)
+        if not uri:
+            return None
+        return TiledEndpoint(uri=uri, api_key=env.get(self.tiled_api_key_env) or None)
+
+
+class LiveResources:
+    """Live objects for an in-process ``listen`` (any may be None: the config's default is used).
+
+    ``__slots__`` and no iteration: Prefect cannot turn it into JSON, so it records only the
+    type name and never a client, a key or a volume.
+    """
+
+    __slots__ = ("publisher", "engine_factory", "reconstruct_fn", "truth_fn", "stop", "on_ready")
+
+    def __init__(
+        self,
+        *,
+        publisher: Any = None,
+        engine_factory: Callable[[Any], Any] | None = None,
+        reconstruct_fn: Callable[[Any, Any], dict] | None = None,
+        truth_fn: Callable[[Any], Any] | None = None,
+        stop: threading.Event | None = None,
+        on_ready: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.engine_factory = engine_factory
+        self.reconstruct_fn = reconstruct_fn
+        self.truth_fn = truth_fn
+        self.stop = stop
+        #: Called with the Listener once it is subscribed (so a caller can start publishing).
+        self.on_ready = on_ready
+
+
+def _stopper(config: ListenConfig, event: threading.Event | None) -> Callable[[], bool]:
+    deadline = None if config.max_duration_s is None else time.monotonic() + config.max_duration_s
+    stop_file = Path(config.stop_file) if config.stop_file else None
+
+    def should_stop() -> bool:
+        return bool(
+            (event is not None and event.is_set())
+            or (deadline is not None and time.monotonic() > deadline)
+            or (stop_file is not None and stop_file.exists())
+        )
+
+    return should_stop
+
+
+@flow(name="listen", log_prints=False, persist_result=False)
+def listen(config: ListenConfig, resources: Any = None) -> dict:
+    """Follow the proxy and reconstruct every scan until stopped.
+
+    Parameters
+    ----------
+    config
+        Addresses, folders, trigger rule, model and stop conditions.
+    resources
+        :class:`LiveResources` for in-process use (optional).
+
+    Returns
+    -------
+    dict
+        Per-scan summaries and the listener's, reconstructor's and publisher's counters.
+    """
+    log = get_run_logger()
+    res = resources if resources is not None else LiveResources()
+    if not isinstance(res, LiveResources):
+        raise ConfigError(f"resources must be LiveResources, got {type(res).__name__}")
+    from apt_stream.stream import DataRoots, Listener, LiveReconstructor, TriggerPolicy
+
+    # Fail on a wrong folder before spending time loading the network.
+    DataRoots(config.data_roots)
+    if res.reconstruct_fn is not None:
+        reconstruct_fn, model_info = res.reconstruct_fn, {}
+    else:
+        reconstruct_fn, model_info = tasks.load_model(config.checkpoint, config.device)
+    run_metadata = {"n_star": config.n_star, "theta_star_deg": config.theta_star_deg, **model_info}
+    publisher = res.publisher
+    if publisher is None:
+        endpoint = config.tiled_endpoint()
+        if endpoint is None:
+            log.warning("no Tiled configured (%s): results go to the backup only", URI_ENV)
+        publisher = tasks.open_publisher(endpoint, backup_dir=config.backup_dir,
+                                         run_metadata=run_metadata,
+                                         approximant_every_s=config.approximant_every_s)
+    else:
+        publisher.run_metadata.update(run_metadata)
+    from .wiring import engine_factory as default_engine_factory
+
+    bridge = LiveBridge(
+        publisher,
+        engine_factory=res.engine_factory or default_engine_factory(device=config.device),
+        reconstruct_fn=reconstruct_fn,
+        tasks=tasks.LIVE_TASKS,
+        attach_timeout_s=config.attach_timeout_s,
+    )
+    live = LiveReconstructor(
+        bridge, engine_factory=bridge.engine_factory, reconstruct_fn=bridge.reconstruct_fn,
+        policy=TriggerPolicy(n_star=config.n_star, theta_star_deg=config.theta_star_deg),
+    )
+    listener = Listener(config.proxy_address, emit=live.submit, data_roots=config.data_roots,
+                        spool_dir=config.spool_dir)
+    should_stop = _stopper(config, res.stop)
+    scans: list[dict] = []
+    try:
+        listener.start()
+        log.info("listening on %s (N* = %d, θ* = ±%g°)", config.proxy_address, config.n_star,
+                 config.theta_star_deg)
+        if res.on_ready is not None:
+            res.on_ready(listener)
+        while not should_stop():
+            if listener.error is not None:
+                raise ServiceError(f"the listener stopped: {listener.error!r}")
+            channel = bridge.next_run(timeout_s=0.25)
+            if channel is None:
+                continue
+            state = reconstruct_scan(
+                channel, channel.run_uid, n_star=config.n_star,
+                theta_star_deg=config.theta_star_deg, preview_dir=config.preview_dir,
+                truth_fn=res.truth_fn, stop=should_stop, return_state=True,
+            )
+            summary = state.result(raise_on_failure=False)
+            scans.append(summary if isinstance(summary, dict) else
+                         {"run_uid": channel.run_uid, "error": repr(summary)})
+            if config.max_runs is not None and len(scans) >= config.max_runs:
+                break
+    finally:
+        listener.stop()
+        # Runs still open finish on the worker, without Prefect; then the worker stops.
+        bridge.close()
+        live.close()
+    return {
+        "scans": scans,
+        "listener": listener.stats(),
+        "live": live.metrics(),
+        "publisher": publisher.stats() if hasattr(publisher, "stats") else None,
+    }

@@ -1,0 +1,56 @@
+"""Build the live reconstructor's callables from configuration (for deployments).
+
+In-process callers (the demo, tests) pass their own engine factory and reconstruct function;
+a deployment only has JSON parameters, so it gets the library's defaults from here. No numerics:
+each function picks library objects and ties them together.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from apt_stream.errors import ConfigError
+
+
+def engine_factory(*, device: str = "cpu") -> Callable[[Any], Any]:
+    """``factory(header)`` -> the physics engine's streaming Approximant for that run."""
+    from apt_stream.physics.engine import ScanGeometry, StreamingApproximant
+
+    def make(header: Any) -> Any:
+        return StreamingApproximant(ScanGeometry.from_scan(header), device=device)
+
+    return make
+
+
+def model_reconstructor(
+    checkpoint: str | os.PathLike | None, *, device: str = "cpu"
+) -> tuple[Callable[[Any, Any], dict], dict[str, Any]]:
+    """Load a checkpoint; return ``reconstruct_fn(volume, header) -> {"apt": ...}`` and the
+    model's ``model_name`` / ``model_checksum`` for the scans' metadata.
+
+    Raises
+    ------
+    ConfigError
+        No checkpoint given (the network is what the live reconstruction is for).
+    ModelError
+        The checkpoint cannot be loaded safely or does not match its network.
+    """
+    if checkpoint is None:
+        raise ConfigError("a checkpoint is required to reconstruct live scans (config.checkpoint)")
+    from apt_stream.model import load_checkpoint, predict_volume, sha256_file
+
+    path = Path(checkpoint)
+    model, meta = load_checkpoint(path, map_location=device)
+
+    def reconstruct(volume: Any, header: Any) -> dict:
+        return {"apt": predict_volume(model, volume, device=device)}
+
+    weights = path.with_name(meta["weights_file"]) if meta.get("weights_file") else path
+    info = {
+        "model_name": meta.get("preset") or path.stem,
+        "model_checksum": meta.get("sha256") or sha256_file(weights),
+    }
+    return reconstruct, info
