@@ -168,14 +168,32 @@ def demo(
         "apt-stream-demo"
     ),
     preset: Annotated[str, typer.Option(help="tiny | demo")] = "demo",
-    seed: Annotated[int, typer.Option(help="Phantom seed.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Phantom seed (held out from training).")] = 1000,
+    rate: Annotated[float, typer.Option(help="Simulated beamline frame rate (frames/s).")] = 40.0,
+    checkpoint: Annotated[Path | None, typer.Option(help="Network checkpoint (default: shipped).")] = None,
+    baselines: Annotated[bool, typer.Option(help="Compare with FBP/SIRT/SART afterwards.")] = True,
+    offline: Annotated[
+        bool, typer.Option(help="No services: simulate, Approximant and PNG only.")
+    ] = False,
 ) -> None:
-    """Run the demo end to end on this machine (simulated beamline) and write PNG previews."""
+    """The live demo on loopback: Tiled, Prefect, 0MQ, a simulated beamline, APT, summary."""
     with _errors():
-        from apt_stream.pipeline import offline_demo
+        if offline:
+            from apt_stream.pipeline import offline_demo
 
-        summary = offline_demo(workdir, preset=preset, seed=seed, progress_factory=progress_bar)
+            summary = offline_demo(workdir, preset=preset, seed=seed, progress_factory=progress_bar)
+        else:
+            from apt_stream.demo import live_demo
+
+            summary = live_demo(
+                workdir, preset=preset, seed=seed, rate_hz=rate, checkpoint=checkpoint,
+                baselines=baselines, say=lambda msg: console.print(f"[bold cyan]{msg}[/]"),
+            )
+        snippet = summary.pop("client_snippet", None)
         _print_json(summary)
+        if snippet:
+            out.print("\n[bold]Find this scan in Tiled[/] (API key printed nowhere; export it first):")
+            out.print(snippet, highlight=False)
 
 
 @app.command()
@@ -219,7 +237,7 @@ def train(
         "runs/pairs-demo.h5"
     ),
     out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint folder.")] = Path("runs/apt-cpu"),
-    epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 120,
+    epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 60,
     train_phantoms: Annotated[int, typer.Option(help="Phantoms for training.")] = 24,
     val_phantoms: Annotated[int, typer.Option(help="Phantoms for validation.")] = 4,
     test_phantoms: Annotated[int, typer.Option(help="Held-out phantoms for evaluate.")] = 4,

@@ -195,5 +195,6 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
         "scans": scans,
         "listener": listener.stats(),
         "live": live.metrics(),
+        "runs": dict(live.run_stats),
         "publisher": publisher.stats() if hasattr(publisher, "stats") else None,
     }

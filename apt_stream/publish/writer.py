@@ -129,6 +129,8 @@ class TiledPublisher:
         self.reconnect = reconnect
         self.tiled_seconds = 0.0
         self.tiled_ops = 0
+        #: run uid -> time.time() at which its first APT volume was written to Tiled
+        self.apt_readable_at: dict[str, float] = {}
         self.failures = 0
         self._runs: dict[str, _Run] = {}
         self._lock = threading.RLock()
@@ -240,6 +242,9 @@ class TiledPublisher:
                     self._write_volume(run, name, arr, {"final": bool(final),
                                                        "angles_used": len(run.angles_deg)})
                 run.node.update_metadata(metadata=meta)
+                if "apt" in arrays:
+                    # Wall clock when the APT volume became readable: the end of the latency.
+                    self.apt_readable_at.setdefault(run.uid, time.time())
 
             self._call(run, "reconstruction_ready",
                        {"final": bool(final), "metadata": json_safe(dict(metadata or {}))},
@@ -313,6 +318,7 @@ class TiledPublisher:
                 "backup_records": self.backup.n_records,
                 "online": self.root is not None,
                 "open_runs": sorted(self._runs),
+                "apt_readable_at": dict(self.apt_readable_at),
             }
 
     def scan_uri(self, run_uid: str) -> str | None:
