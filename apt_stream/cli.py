@@ -169,7 +169,7 @@ def demo(
     ),
     preset: Annotated[str, typer.Option(help="tiny | demo")] = "demo",
     seed: Annotated[int, typer.Option(help="Phantom seed (held out from training).")] = 1000,
-    rate: Annotated[float, typer.Option(help="Simulated beamline frame rate (frames/s).")] = 40.0,
+    rate: Annotated[float, typer.Option(help="Simulated beamline frame rate (frames/s); 0: full speed.")] = 40.0,
     checkpoint: Annotated[Path | None, typer.Option(help="Network checkpoint (default: shipped).")] = None,
     baselines: Annotated[bool, typer.Option(help="Compare with FBP/SIRT/SART afterwards.")] = True,
     offline: Annotated[
@@ -186,14 +186,14 @@ def demo(
             from apt_stream.demo import live_demo
 
             summary = live_demo(
-                workdir, preset=preset, seed=seed, rate_hz=rate, checkpoint=checkpoint,
+                workdir, preset=preset, seed=seed, rate_hz=rate or None, checkpoint=checkpoint,
                 baselines=baselines, say=lambda msg: console.print(f"[bold cyan]{msg}[/]"),
             )
         snippet = summary.pop("client_snippet", None)
         _print_json(summary)
         if snippet:
-            out.print("\n[bold]Find this scan in Tiled[/] (API key printed nowhere; export it first):")
-            out.print(snippet, highlight=False)
+            out.print("\n[bold]Find this scan in Tiled[/] (while a server runs on that data):")
+            print(snippet)
 
 
 @app.command()
@@ -339,6 +339,22 @@ def bench_inference(
     """Voxels/s of stitched inference, eager fp32 vs the optimised path, with the PCC difference."""
     with _errors():
         from apt_stream.benchmarks.benchmark_inference import run_all
+
+        result = run_all(quick=quick)
+        if as_json:
+            print(json.dumps(result, indent=2, default=float))
+        else:
+            _print_json(result)
+
+
+@bench_app.command("live")
+def bench_live(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    quick: Annotated[bool, typer.Option(help="Tiny preset (smoke test).")] = False,
+) -> None:
+    """Keep-up factor, trigger-to-Tiled latency and Prefect/Tiled shares of the live pipeline."""
+    with _errors():
+        from apt_stream.benchmarks.benchmark_live import run_all
 
         result = run_all(quick=quick)
         if as_json:

@@ -56,7 +56,7 @@ def live_demo(
     *,
     preset: str = "demo",
     seed: int = 1000,
-    rate_hz: float = DEFAULT_RATE_HZ,
+    rate_hz: float | None = DEFAULT_RATE_HZ,
     checkpoint: str | Path | None = None,
     baselines: bool = True,
     say: Callable[[str], None] = print,
@@ -94,7 +94,11 @@ def live_demo(
         endpoint = stack.enter_context(local_tiled_server(work / "tiled"))
         proxy = start_proxy()
         stack.callback(proxy.stop)
-        publisher = TiledPublisher.from_endpoint(endpoint, backup_dir=work / "backup")
+        # Approximant uploads at most every 5 s (angle rows go up at once): keeps Tiled's share of
+        # the wall time small while a user watching the scan still sees it grow.
+        publisher = TiledPublisher.from_endpoint(
+            endpoint, backup_dir=work / "backup", approximant_every_s=5.0
+        )
         ready, stop = threading.Event(), threading.Event()
         stack.callback(stop.set)
         outcome: dict = {}
@@ -122,11 +126,13 @@ def live_demo(
             raise ServiceError(f"the listen flow did not come up: {outcome.get('error')!r}")
         timings["services_up_s"] = time.perf_counter() - t_start
 
-        say(f"3/5 acquiring: simulated beamline at {rate_hz:g} frames/s in its own process")
+        rate_text = f"{rate_hz:g} frames/s" if rate_hz else "full speed"
+        say(f"3/5 acquiring: simulated beamline at {rate_text} in its own process")
         t_acq = time.perf_counter()
+        rate_args = ["--rate", str(rate_hz)] if rate_hz else []
         beamline = subprocess.Popen(
             [sys.executable, "-m", "apt_stream.cli", "replay", str(scan_path), "--zmq",
-             proxy.in_address, "--rate", str(rate_hz), "--data-root", str(work / "runs")],
+             proxy.in_address, *rate_args, "--data-root", str(work / "runs")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         stack.callback(lambda: beamline.poll() is None and beamline.kill())
@@ -179,6 +185,7 @@ def live_demo(
         if run_uid in pub["apt_readable_at"] and "trigger_frame_received_at" in run_stats:
             latency = pub["apt_readable_at"][run_uid] - run_stats["trigger_frame_received_at"]
         live_s = timings["live_total_s"]
+        live = result.get("live") or {}
         summary = {
             "run_uid": run_uid,
             "status": node.metadata.get("status"),
@@ -189,7 +196,12 @@ def live_demo(
             "latency_s": None if latency is None else round(latency, 2),
             "prefect_overhead_pct": scans[0].get("prefect_overhead_pct"),
             "tiled_share_pct": round(100 * pub["tiled_s"] / live_s, 2) if live_s else None,
-            "max_backlog_frames": (result.get("live") or {}).get("max_backlog_frames"),
+            "max_backlog_frames": live.get("max_backlog_frames"),
+            "acquired_fps": round(scan.n_frames / timings["acquisition_s"], 1),
+            "pipeline_capacity_fps": (
+                round(live["frames_processed"] / live["worker_busy_s"], 1)
+                if live.get("worker_busy_s") else None
+            ),
             "metrics_vs_truth": metrics,
             "tiled_uri": endpoint.uri,
             "tiled_data": str(endpoint.data_dir),

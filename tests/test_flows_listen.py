@@ -66,6 +66,50 @@ def test_listen_reconstructs_a_replayed_scan(prefect_harness, tiled_server, tile
     assert len(scan_node["angles"].read()) == 3
 
 
+def test_listen_stopped_short_then_full_run_back_to_back(prefect_harness, tiled_server, tiled_root,
+                                                         tmp_path, checkpoint, monkeypatch):
+    """Two runs through one listener: the first stops before N* (marked so, its Approximant
+    still in Tiled, no APT volume), the second completes and gets its APT volume."""
+    from tiled.queries import Key
+
+    from apt_stream.flows.listen import ListenConfig, LiveResources, listen
+    from apt_stream.plugins.bluesky import replay_scan, start_proxy, synthetic_scan
+
+    monkeypatch.setenv("APT_STREAM_TILED_URI", tiled_server.uri)
+    monkeypatch.setenv("APT_STREAM_TILED_API_KEY", tiled_server.api_key)
+    scan = synthetic_scan(n_angles=4, frames_per_angle=3, range_deg=10.0, seed=5)
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    published: list[str] = []
+
+    with start_proxy() as proxy:
+        def publish_scans(listener) -> None:
+            def run() -> None:
+                published.append(replay_scan(scan, zmq_address=proxy.in_address,
+                                             data_root=runs_dir, max_angles=2))
+                published.append(replay_scan(scan, zmq_address=proxy.in_address,
+                                             data_root=runs_dir))
+            threading.Thread(target=run, daemon=True).start()
+
+        config = ListenConfig(
+            proxy_address=proxy.out_address, data_roots=[str(runs_dir)],
+            spool_dir=str(tmp_path / "spool"), backup_dir=str(tmp_path / "backup"),
+            preview_dir=str(tmp_path / "previews"), checkpoint=str(checkpoint),
+            n_star=4, theta_star_deg=10.0, max_runs=2, max_duration_s=180,
+        )
+        result = listen(config, LiveResources(on_ready=publish_scans))
+
+    assert len(published) == 2
+    statuses = {s["run_uid"]: s["status"] for s in result["scans"]}
+    assert statuses == {published[0]: "stopped_before_trigger", published[1]: "done"}
+    short = tiled_root.search(Key("run_uid") == published[0]).values().first()
+    assert short.metadata["status"] == "stopped_before_trigger"
+    assert "approximant" in short and "apt" not in short
+    full = tiled_root.search(Key("run_uid") == published[1]).values().first()
+    assert full.metadata["status"] == "done"
+    assert tuple(full["apt"].shape) == tuple(scan.volume_shape_zyx)
+
+
 def test_listen_config_is_checked():
     from pydantic import ValidationError
 
