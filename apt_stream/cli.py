@@ -311,56 +311,45 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------
 
 
+def _run_bench(module: str, as_json: bool, **kwargs) -> None:
+    """Import ``apt_stream.benchmarks.<module>`` lazily, run it, print its JSON."""
+    import importlib
+
+    with _errors():
+        result = importlib.import_module(f"apt_stream.benchmarks.{module}").run_all(**kwargs)
+        if as_json:
+            print(json.dumps(result, indent=2, default=float))
+        else:
+            _print_json(result)
+
+
+_JSON = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
+_QUICK = Annotated[bool, typer.Option(help="Smallest case only (smoke test).")]
+
+
 @bench_app.command("approximant")
 def bench_approximant(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    quick: Annotated[bool, typer.Option(help="Small sizes and one repeat (smoke test).")] = False,
+    as_json: _JSON = False,
+    quick: _QUICK = False,
     ptychi: Annotated[
         Path | None,
         typer.Option(help="Python of a separate venv with ptychi installed, to compare against."),
     ] = None,
 ) -> None:
     """Frames/s of the two Approximant iterations vs the bare-FFT floor (and pty-chi)."""
-    with _errors():
-        from apt_stream.benchmarks.benchmark_approximant import run_all
-
-        result = run_all(quick=quick, ptychi_python=ptychi)
-        if as_json:
-            print(json.dumps(result, indent=2, default=float))
-        else:
-            _print_json(result)
+    _run_bench("benchmark_approximant", as_json, quick=quick, ptychi_python=ptychi)
 
 
 @bench_app.command("inference")
-def bench_inference(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    quick: Annotated[bool, typer.Option(help="One small case (smoke test).")] = False,
-) -> None:
+def bench_inference(as_json: _JSON = False, quick: _QUICK = False) -> None:
     """Voxels/s of stitched inference, eager fp32 vs the optimised path, with the PCC difference."""
-    with _errors():
-        from apt_stream.benchmarks.benchmark_inference import run_all
-
-        result = run_all(quick=quick)
-        if as_json:
-            print(json.dumps(result, indent=2, default=float))
-        else:
-            _print_json(result)
+    _run_bench("benchmark_inference", as_json, quick=quick)
 
 
 @bench_app.command("live")
-def bench_live(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
-    quick: Annotated[bool, typer.Option(help="Tiny preset (smoke test).")] = False,
-) -> None:
+def bench_live(as_json: _JSON = False, quick: _QUICK = False) -> None:
     """Keep-up factor, trigger-to-Tiled latency and Prefect/Tiled shares of the live pipeline."""
-    with _errors():
-        from apt_stream.benchmarks.benchmark_live import run_all
-
-        result = run_all(quick=quick)
-        if as_json:
-            print(json.dumps(result, indent=2, default=float))
-        else:
-            _print_json(result)
+    _run_bench("benchmark_live", as_json, quick=quick)
 
 
 def main() -> None:  # pragma: no cover - console entry point
