@@ -118,3 +118,28 @@ def test_help_everywhere(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "Usage" in result.output
+
+
+def test_reconstruct_with_shipped_model_and_baselines(tiny_scan_file, tmp_path):
+    out = tmp_path / "rec.h5"
+    result = runner.invoke(
+        app,
+        ["reconstruct", str(tiny_scan_file), "-o", str(out), "--angles", "7", "--range", "17",
+         "--baselines"],
+    )
+    assert result.exit_code == 0, result.output
+    volumes, attrs = read_volumes(out)
+    assert set(volumes) >= {"approximant", "apt", "fbp", "sirt", "sart"}
+    for vol in volumes.values():
+        assert vol.shape == (12, 24, 32) and np.isfinite(vol).all()
+    assert attrs["model"] == "cpu" and len(attrs["model_sha256"]) == 64
+    assert set(attrs["metrics"]["apt"]) == {"pcc", "ms_ssim", "dsc", "ber"}
+
+
+def test_reconstruct_missing_checkpoint_is_clear(tiny_scan_file, tmp_path):
+    result = runner.invoke(
+        app, ["reconstruct", str(tiny_scan_file), "-o", str(tmp_path / "r.h5"), "--angles", "7",
+              "--checkpoint", str(tmp_path / "nope.safetensors")],
+    )
+    assert result.exit_code == 1
+    assert "does not exist" in result.output
