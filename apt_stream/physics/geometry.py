@@ -83,15 +83,25 @@ def raster_positions(
 
     Positions are clipped to [0, N − frame] so every probe window lies inside the field.
     """
-    ny_field, nx_field = field
-    span_y, span_x = ny_field - frame_px, nx_field - frame_px
-    if span_y < 0 or span_x < 0:
-        raise InputError(f"frame of {frame_px} px does not fit the field {field}")
+    span_y, span_x = _spans(field, frame_px)
     if step_px <= 0:
         raise InputError(f"step_px must be > 0, got {step_px}")
     ys = np.linspace(0, span_y, max(1, int(math.ceil(span_y / step_px)) + 1))
     xs = np.linspace(0, span_x, max(1, int(math.ceil(span_x / step_px)) + 1))
     pos = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
+    return _jitter_and_clip(pos, jitter_px, rng, span_y, span_x)
+
+
+def _spans(field: tuple[int, int], frame_px: int) -> tuple[int, int]:
+    """How far the probe window's top-left corner may travel in y and x."""
+    span_y, span_x = field[0] - frame_px, field[1] - frame_px
+    if span_y < 0 or span_x < 0:
+        raise InputError(f"frame of {frame_px} px does not fit the field {field}")
+    return span_y, span_x
+
+
+def _jitter_and_clip(pos, jitter_px, rng, span_y, span_x) -> np.ndarray:
+    """Add Gaussian position jitter, then keep every probe window inside the field."""
     if jitter_px > 0:
         rng = rng if rng is not None else np.random.default_rng()
         pos = pos + rng.normal(0.0, jitter_px, size=pos.shape)
@@ -109,10 +119,7 @@ def spiral_positions(
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Fermat-spiral fly-scan path (y, x) covering the field, clipped to the field."""
-    ny_field, nx_field = field
-    span_y, span_x = ny_field - frame_px, nx_field - frame_px
-    if span_y < 0 or span_x < 0:
-        raise InputError(f"frame of {frame_px} px does not fit the field {field}")
+    span_y, span_x = _spans(field, frame_px)
     cy, cx = span_y / 2, span_x / 2
     radius = math.hypot(cy, cx)
     # Fermat spiral: point k at radius c*sqrt(k); density ~ 1/(pi c^2) matches a raster of step_px.
@@ -124,10 +131,4 @@ def spiral_positions(
     pos = np.stack([cy + r * np.sin(phi), cx + r * np.cos(phi)], axis=-1)
     keep = (pos[:, 0] >= -step_px / 2) & (pos[:, 0] <= span_y + step_px / 2)
     keep &= (pos[:, 1] >= -step_px / 2) & (pos[:, 1] <= span_x + step_px / 2)
-    pos = pos[keep]
-    if jitter_px > 0:
-        rng = rng if rng is not None else np.random.default_rng()
-        pos = pos + rng.normal(0.0, jitter_px, size=pos.shape)
-    pos[:, 0] = np.clip(pos[:, 0], 0, span_y)
-    pos[:, 1] = np.clip(pos[:, 1], 0, span_x)
-    return pos
+    return _jitter_and_clip(pos[keep], jitter_px, rng, span_y, span_x)
