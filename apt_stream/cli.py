@@ -287,6 +287,42 @@ def replay(
 
 
 @app.command()
+def listen(
+    zmq: Annotated[str, typer.Option("--zmq", help="The 0MQ proxy's output, e.g. tcp://beamline:5578.")],
+    data_root: Annotated[list[Path], typer.Option(help="Folder frames may be read from (repeat).")],
+    tiled_uri: Annotated[
+        str | None, typer.Option(help="Tiled API address (default: $APT_STREAM_TILED_URI).")
+    ] = None,
+    spool: Annotated[Path | None, typer.Option(help="Per-run document spool folder.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Network checkpoint (default: shipped).")] = None,
+    n_star: Annotated[int, typer.Option(help="N*: finished angles that trigger APT.")] = 29,
+    theta_star: Annotated[float, typer.Option(help="θ*: half-range (deg) they must cover.")] = 17.0,
+    max_runs: Annotated[int | None, typer.Option(help="Stop after this many scans.")] = None,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Serve a beamline: follow its proxy, reconstruct every scan live, publish to Tiled.
+
+    The Tiled API key comes from $APT_STREAM_TILED_API_KEY (never a flag, never logged). Runs as
+    the Prefect `listen` flow: on PREFECT_API_URL's server if set, else Prefect's ephemeral one.
+    """
+    with _errors():
+        from apt_stream.flows.settings import apply_offline_env
+
+        apply_offline_env()
+        from apt_stream.flows.listen import ListenConfig
+        from apt_stream.flows.listen import listen as listen_flow
+
+        config = ListenConfig(
+            proxy_address=zmq, data_roots=[str(p) for p in data_root],
+            spool_dir=str(spool) if spool else None, tiled_uri=tiled_uri,
+            checkpoint=str(checkpoint) if checkpoint else None, n_star=n_star,
+            theta_star_deg=theta_star, max_runs=max_runs, device=device,
+        )
+        console.print(f"listening on {zmq} (N* = {n_star}, θ* = ±{theta_star}°); Ctrl-C stops")
+        _print_json(listen_flow(config))
+
+
+@app.command()
 def evaluate(
     out_dir: Annotated[Path, typer.Option("--out", help="Where results.md and figures go.")] = Path("docs"),
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (default: shipped model).")] = None,

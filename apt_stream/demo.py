@@ -15,7 +15,6 @@ Everything is shut down on the way out, also on errors and Ctrl-C.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -31,13 +30,6 @@ from apt_stream.errors import ServiceError
 #: Frames per second of the simulated beamline: the demo's "realistic" acquisition rate. Bluesky
 #: itself tops out near 100 events/s on these 2 cores (docs/benchmarks.md).
 DEFAULT_RATE_HZ = 40.0
-
-
-def offline_prefect_env() -> None:
-    """No telemetry, no outside network for Prefect (its ephemeral server runs locally)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def client_snippet(uri: str, run_uid: str) -> str:
@@ -62,7 +54,9 @@ def live_demo(
     say: Callable[[str], None] = print,
 ) -> dict:
     """Run the live demo end to end; returns the summary printed by the CLI."""
-    offline_prefect_env()
+    from apt_stream.flows.settings import apply_offline_env
+
+    apply_offline_env()  # before Prefect is imported: it reads its settings once
     from apt_stream.config import get_preset
     from apt_stream.figures import cross_sections_png
     from apt_stream.flows.listen import ListenConfig, LiveResources, listen

@@ -12,8 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from apt_stream.errors import ConfigError
-
 
 def engine_factory(*, device: str = "cpu") -> Callable[[Any], Any]:
     """``factory(header)`` -> the physics engine's streaming Approximant for that run."""
@@ -28,19 +26,23 @@ def engine_factory(*, device: str = "cpu") -> Callable[[Any], Any]:
 def model_reconstructor(
     checkpoint: str | os.PathLike | None, *, device: str = "cpu"
 ) -> tuple[Callable[[Any, Any], dict], dict[str, Any]]:
-    """Load a checkpoint; return ``reconstruct_fn(volume, header) -> {"apt": ...}`` and the
-    model's ``model_name`` / ``model_checksum`` for the scans' metadata.
+    """Load a checkpoint (None: the shipped model); return ``reconstruct_fn(volume, header) ->
+    {"apt": ...}`` and the model's ``model_name`` / ``model_checksum`` for the scans' metadata.
 
     Raises
     ------
-    ConfigError
-        No checkpoint given (the network is what the live reconstruction is for).
     ModelError
-        The checkpoint cannot be loaded safely or does not match its network.
+        The checkpoint is missing, cannot be loaded safely or does not match its network.
     """
-    if checkpoint is None:
-        raise ConfigError("a checkpoint is required to reconstruct live scans (config.checkpoint)")
     from apt_stream.model import load_checkpoint, predict_volume, sha256_file
+    from apt_stream.reconstruct import DEFAULT_CHECKPOINT
+
+    if checkpoint is None:
+        checkpoint = DEFAULT_CHECKPOINT
+    if not Path(checkpoint).exists():
+        from apt_stream.errors import ModelError
+
+        raise ModelError(f"model checkpoint {checkpoint} does not exist")
 
     path = Path(checkpoint)
     model, meta = load_checkpoint(path, map_location=device)

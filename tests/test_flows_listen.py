@@ -8,8 +8,6 @@ import threading
 
 import pytest
 
-from apt_stream.errors import ConfigError
-
 
 @pytest.fixture
 def checkpoint(tmp_path):
@@ -125,8 +123,13 @@ def test_listen_config_is_checked():
     assert ListenConfig(data_roots=["/d"]).tiled_endpoint({}) is None
 
 
-def test_model_reconstructor_needs_a_checkpoint():
+def test_model_reconstructor_defaults_to_the_shipped_model(tmp_path):
+    from apt_stream.errors import ModelError
     from apt_stream.flows.wiring import model_reconstructor
+    from apt_stream.model import read_metadata
+    from apt_stream.reconstruct import DEFAULT_CHECKPOINT
 
-    with pytest.raises(ConfigError, match="checkpoint"):
-        model_reconstructor(None)
+    _, info = model_reconstructor(None)
+    assert info["model_checksum"] == read_metadata(DEFAULT_CHECKPOINT)["sha256"]
+    with pytest.raises(ModelError, match="does not exist"):
+        model_reconstructor(tmp_path / "missing.safetensors")
