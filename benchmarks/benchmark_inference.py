@@ -16,7 +16,14 @@ from apt_stream.model.inference import benchmark_inference
 
 CASES = {
     "cpu preset, demo volume": dict(preset="cpu", volume_shape=(32, 64, 64), repeats=5),
-    "paper preset, one patch": dict(preset="paper", volume_shape=(280, 64, 64), repeats=1, overlap=0.0),
+    # bf16 through 59 M parameters drifts past the 1e-3 PCC budget on CPU (measured 6.5e-3), so
+    # the paper patch's accepted path is fp32 + channels-last; bf16 is reported beside it.
+    "paper preset, one patch (fp32, channels-last)": dict(
+        preset="paper", volume_shape=(280, 64, 64), repeats=1, overlap=0.0, dtype="float32"
+    ),
+    "paper preset, one patch (bf16, channels-last)": dict(
+        preset="paper", volume_shape=(280, 64, 64), repeats=1, overlap=0.0, dtype="bfloat16"
+    ),
 }
 
 
