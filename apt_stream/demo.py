@@ -189,6 +189,7 @@ def live_demo(
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
             "latency_s": None if latency is None else round(latency, 2),
             "prefect_overhead_pct": scans[0].get("prefect_overhead_pct"),
+            "prefect_overhead_s": scans[0].get("prefect_overhead_s"),
             "tiled_share_pct": round(100 * pub["tiled_s"] / live_s, 2) if live_s else None,
             "max_backlog_frames": live.get("max_backlog_frames"),
             "acquired_fps": round(scan.n_frames / timings["acquisition_s"], 1),
