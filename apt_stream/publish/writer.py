@@ -333,8 +333,9 @@ class TiledPublisher:
         check_run_uid(run_uid)
         run = self._runs.get(run_uid)
         if run is None:
-            # A publisher restarted mid-run (or a replay) reopens the existing container.
-            log.warning("run %s was not started on this publisher; reopening it", run_uid)
+            # A publisher restarted mid-run, a backup replay, or results added after the run (the
+            # demo's baselines) reopen the existing container: normal, so not a warning.
+            log.info("run %s is not open on this publisher; reopening its container", run_uid)
             run = _Run(uid=run_uid, header={"run_uid": run_uid})
             self._runs[run_uid] = run
             self._call(run, "run_started", {"header": run.header},
