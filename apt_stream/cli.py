@@ -297,6 +297,9 @@ def listen(
     checkpoint: Annotated[Path | None, typer.Option(help="Network checkpoint (default: shipped).")] = None,
     n_star: Annotated[int, typer.Option(help="N*: finished angles that trigger APT.")] = 29,
     theta_star: Annotated[float, typer.Option(help="θ*: half-range (deg) they must cover.")] = 17.0,
+    preview_every: Annotated[
+        int | None, typer.Option(help="Interim APT previews every K finished angles.")
+    ] = None,
     max_runs: Annotated[int | None, typer.Option(help="Stop after this many scans.")] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
 ) -> None:
@@ -316,7 +319,8 @@ def listen(
             proxy_address=zmq, data_roots=[str(p) for p in data_root],
             spool_dir=str(spool) if spool else None, tiled_uri=tiled_uri,
             checkpoint=str(checkpoint) if checkpoint else None, n_star=n_star,
-            theta_star_deg=theta_star, max_runs=max_runs, device=device,
+            theta_star_deg=theta_star, preview_every=preview_every, max_runs=max_runs,
+            device=device,
         )
         console.print(f"listening on {zmq} (N* = {n_star}, θ* = ±{theta_star}°); Ctrl-C stops")
         _print_json(listen_flow(config))

@@ -53,6 +53,9 @@ class ListenConfig(BaseModel):
     device: str = Field("cpu", description="torch device for the engine and the network")
     n_star: int = Field(29, ge=1, description="N*: finished angles that trigger inference")
     theta_star_deg: float = Field(17.0, ge=0, le=90, description="θ*: half-range they must cover")
+    preview_every: int | None = Field(
+        None, ge=1, description="interim APT previews every this many finished angles"
+    )
     max_duration_s: float | None = Field(None, gt=0, description="stop after this long")
     max_runs: int | None = Field(None, ge=1, description="stop after this many scans")
     stop_file: str | None = Field(None, description="stop when this file appears")
@@ -158,7 +161,8 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
     )
     live = LiveReconstructor(
         bridge, engine_factory=bridge.engine_factory, reconstruct_fn=bridge.reconstruct_fn,
-        policy=TriggerPolicy(n_star=config.n_star, theta_star_deg=config.theta_star_deg),
+        policy=TriggerPolicy(n_star=config.n_star, theta_star_deg=config.theta_star_deg,
+                             preview_every=config.preview_every),
     )
     listener = Listener(config.proxy_address, emit=live.submit, data_roots=config.data_roots,
                         spool_dir=config.spool_dir)

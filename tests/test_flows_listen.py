@@ -108,6 +108,36 @@ def test_listen_stopped_short_then_full_run_back_to_back(prefect_harness, tiled_
     assert tuple(full["apt"].shape) == tuple(scan.volume_shape_zyx)
 
 
+def test_listen_interim_previews(prefect_harness, tiled_server, tmp_path, checkpoint, monkeypatch):
+    """preview_every=1 reconstructs after every finished angle before the trigger fires."""
+    from apt_stream.flows.listen import ListenConfig, LiveResources, listen
+    from apt_stream.plugins.bluesky import replay_scan, start_proxy, synthetic_scan
+
+    monkeypatch.setenv("APT_STREAM_TILED_URI", tiled_server.uri)
+    monkeypatch.setenv("APT_STREAM_TILED_API_KEY", tiled_server.api_key)
+    scan = synthetic_scan(n_angles=3, frames_per_angle=3, range_deg=10.0, seed=7)
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    with start_proxy() as proxy:
+        def publish_scan(listener) -> None:
+            threading.Thread(
+                target=lambda: replay_scan(scan, zmq_address=proxy.in_address, data_root=runs_dir),
+                daemon=True,
+            ).start()
+
+        config = ListenConfig(
+            proxy_address=proxy.out_address, data_roots=[str(runs_dir)],
+            backup_dir=str(tmp_path / "backup"), preview_dir=str(tmp_path / "previews"),
+            checkpoint=str(checkpoint), n_star=3, theta_star_deg=10.0, preview_every=1,
+            max_runs=1, max_duration_s=120,
+        )
+        result = listen(config, LiveResources(on_ready=publish_scan))
+    (summary,) = result["scans"]
+    assert summary["status"] == "done"
+    # Previews after angles 1 and 2, the trigger at 3 (the final one re-announces it).
+    assert summary["reconstructions"] >= 3
+
+
 def test_listen_config_is_checked():
     from pydantic import ValidationError
 
