@@ -130,12 +130,15 @@ def simulate(
 @app.command()
 def validate(
     path: Annotated[Path, typer.Argument(help="Scan file to check.")],
+    partial: Annotated[
+        bool, typer.Option(help="A scan still being written (SWMR): angles may lack frames yet.")
+    ] = False,
 ) -> None:
     """Check a scan file against docs/scan-format.md; names the first bad field."""
     with _errors():
         from apt_stream.io import validate_scan
 
-        summary = validate_scan(path)
+        summary = validate_scan(path, swmr=partial, partial=partial)
         out.print(f"[green]ok[/] {path}")
         _print_json(summary)
 

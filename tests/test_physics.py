@@ -312,3 +312,23 @@ def test_geometry_field_holds_every_angle():
     assert pos.min() >= 0 and (pos[:, 0] <= ny - 16).all() and (pos[:, 1] <= nx - 16).all()
     spiral = geometry.spiral_positions((ny, nx), 16, step_px=3)
     assert len(spiral) > 10 and (spiral[:, 1] <= nx - 16).all()
+
+
+def test_paper_preset_is_constructible_without_simulating_frames():
+    """The paper geometry builds (phantom, probe, field, slicing) — the frames need a GPU budget."""
+    from apt_stream.sim.phantom import make_ic_phantom
+
+    p = get_preset("paper")
+    d = p.describe()
+    assert d["volume_zyx"] == [280, 128, 128] and d["frame_px"] == 128 and d["modes"] == 12
+    assert d["slices"] == 5 and d["gold_angles"] == 349 and d["gold_range_deg"] == 70.4
+    assert d["thickness_over_dof"] == pytest.approx(1.41, abs=0.01)
+    assert d["detector_pixel_um"] == pytest.approx(151, rel=0.01)  # the paper's 2x-binned Eiger
+    phantom = make_ic_phantom(p.phantom, seed=0)
+    assert phantom.labels.shape == (280, 128, 128)
+    probe = make_probe(p.probe, pixel_size_m=p.phantom.voxel_size_m, wavelength_m=p.wavelength_m)
+    assert probe.shape == (12, 128, 128)
+    angles = geometry.uniform_angles(p.gold_scan.n_angles, p.gold_scan.angle_range_deg)
+    assert angles[1] - angles[0] == pytest.approx(0.4045, abs=1e-3)
+    ny, nx = geometry.field_shape(phantom.labels.shape, 128, angles)
+    assert ny == 256 and nx > 128 + 128
