@@ -335,6 +335,10 @@ def evaluate(
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint (default: shipped model).")] = None,
     phantoms: Annotated[int, typer.Option(help="Held-out phantoms to average over.")] = 2,
     sweeps: Annotated[bool, typer.Option(help="Also sweep N and θ (paper Figs. 3 and 5).")] = True,
+    exclude_z: Annotated[
+        list[int] | None,
+        typer.Option(help="z layer to leave out of the metrics (ambiguous layers; repeat)."),
+    ] = None,
 ) -> None:
     """APT vs FBP/SIRT/SART and the gold standard on held-out phantoms; writes results.md + PNGs."""
     with _errors():
@@ -343,6 +347,7 @@ def evaluate(
         figures_dir = out_dir / "figures"
         summary = run_evaluation(
             figures_dir, checkpoint=checkpoint, n_phantoms=phantoms, sweeps=sweeps,
+            exclude_z=exclude_z,
             progress=lambda msg: console.print(f"[dim]{msg}[/]"),
         )
         md = write_results_md(summary, out_dir / "results.md", command=" ".join(["apt-stream", *sys.argv[1:]]))

@@ -88,6 +88,7 @@ def evaluate_phantom(
     n_star: int = 29,
     theta_star: float = 17.0,
     sweeps: bool = True,
+    exclude_z: Sequence[int] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PhantomResult:
     from apt_stream.reconstruct import apt_volume, match_to, score
@@ -108,7 +109,7 @@ def evaluate_phantom(
     volumes = {"approximant": approximant, "apt": apt_volume(model, approximant)}
     volumes.update(bank.baselines(star))
     volumes["gold (SART, all angles)"] = gold
-    main = score(volumes, truth)
+    main = score(volumes, truth, exclude_z=exclude_z)
     from apt_stream.io import GroundTruth
 
     gold_truth = GroundTruth(
@@ -116,14 +117,17 @@ def evaluate_phantom(
         labels=np.where(match_to(gold, truth.delta) > _metal_threshold(gold, truth), 3, 1),
         voxel_size_m=truth.voxel_size_m,
     )
-    vs_gold = score({k: v for k, v in volumes.items() if not k.startswith("gold")}, gold_truth)
+    vs_gold = score(
+        {k: v for k, v in volumes.items() if not k.startswith("gold")}, gold_truth,
+        exclude_z=exclude_z,
+    )
     result = PhantomResult(seed=seed, main=main, vs_gold=vs_gold, volumes={**volumes, "truth": truth.delta})
     if sweeps:
         for n in N_SWEEP:
             idx = list(select_angles(gold_scan.angles_deg, n, theta_star))
             apx = bank.approximant(idx)
             row = {"n": n, "range_deg": theta_star}
-            row.update(_sweep_scores(model, apx, bank, idx, truth))
+            row.update(_sweep_scores(model, apx, bank, idx, truth, exclude_z))
             result.sweep_n.append(row)
             say(f"phantom {seed}: N sweep {n}")
         spacing = float(np.median(np.diff(gold_scan.angles_deg)))
@@ -136,7 +140,7 @@ def evaluate_phantom(
                 scan = simulate_scan(p, seed=seed, n_angles=n_star, range_deg=theta)
                 src, idx = bank_of(scan), list(range(n_star))
             row = {"n": n_star, "range_deg": theta}
-            row.update(_sweep_scores(model, src.approximant(idx), src, idx, truth))
+            row.update(_sweep_scores(model, src.approximant(idx), src, idx, truth, exclude_z))
             result.sweep_theta.append(row)
             say(f"phantom {seed}: θ sweep ±{theta}°")
     result.seconds = time.perf_counter() - t0
@@ -151,12 +155,12 @@ def _metal_threshold(gold: np.ndarray, truth) -> float:
     return float(em_threshold(match_to(gold, truth.delta)).threshold)
 
 
-def _sweep_scores(model, approximant, bank: AngleBank, idx, truth) -> dict:
+def _sweep_scores(model, approximant, bank: AngleBank, idx, truth, exclude_z=None) -> dict:
     from apt_stream.reconstruct import apt_volume, score
 
     vols = {"apt": apt_volume(model, approximant)}
     vols.update(bank.baselines(idx, which=("sart",)))
-    s = score(vols, truth)
+    s = score(vols, truth, exclude_z=exclude_z)
     return {f"{method}_{k}": v for method, m in s.items() for k, v in m.items()}
 
 
@@ -188,6 +192,7 @@ def run_evaluation(
     checkpoint: str | Path | None = None,
     n_phantoms: int = 2,
     sweeps: bool = True,
+    exclude_z: Sequence[int] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Evaluate on held-out phantoms; write results.json, figures and results.md into out_dir."""
@@ -199,12 +204,13 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_model(checkpoint)
     results = [
-        evaluate_phantom(seed, model, sweeps=sweeps, progress=progress)
+        evaluate_phantom(seed, model, sweeps=sweeps, exclude_z=exclude_z, progress=progress)
         for seed in split_seeds("test", n_phantoms)
     ]
     summary = {
         "model": {"preset": meta.get("preset"), "sha256": meta.get("sha256")},
         "phantoms": [r.seed for r in results],
+        "excluded_z": list(exclude_z or []),
         "main": _mean_table(results, "main"),
         "vs_gold": _mean_table(results, "vs_gold"),
         "per_phantom": [{"seed": r.seed, "main": r.main, "seconds": round(r.seconds, 1)} for r in results],

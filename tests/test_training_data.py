@@ -52,3 +52,18 @@ def test_evaluation_path_on_tiny():
     gold, sart = result.main["gold (SART, all angles)"], result.main["sart"]
     # More angles over a wider range must beat the limited-angle scan: the missing wedge.
     assert gold["pcc"] > sart["pcc"] and gold["dsc"] > sart["dsc"]
+
+
+def test_score_can_leave_out_ambiguous_layers():
+    from apt_stream.io import GroundTruth
+    from apt_stream.reconstruct import score
+
+    rng = np.random.default_rng(0)
+    labels = np.where(rng.random((8, 16, 16)) > 0.7, 3, 1).astype(np.uint8)
+    delta = np.where(labels == 3, 2e-5, 6e-6).astype(np.float32)
+    truth = GroundTruth(delta=delta, beta=delta / 50, labels=labels, voxel_size_m=1e-8)
+    test = delta.copy()
+    test[:2] = rng.normal(1e-5, 5e-6, size=test[:2].shape)  # two garbled "ambiguous" layers
+    whole = score({"t": test}, truth)["t"]
+    kept = score({"t": test}, truth, exclude_z=[0, 1])["t"]
+    assert kept["pcc"] > whole["pcc"] and kept["pcc"] > 0.99
