@@ -178,3 +178,30 @@ def test_benchmark_reports_both_paths():
     assert res["eager"]["voxels_per_s"] > 0 and res["optimized"]["voxels_per_s"] > 0
     assert res["speedup"] == pytest.approx(res["eager"]["seconds"] / res["optimized"]["seconds"])
     assert res["pcc"] > 0.98
+
+
+def test_batchnorm_folding_is_exact_and_leaves_the_model_alone():
+    import torch
+
+    from apt_stream.model import create_model
+    from apt_stream.model.inference import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = create_model("cpu")
+    # Non-trivial running statistics, as after training.
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    model.eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    folded = fold_batchnorm(model)
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    assert torch.allclose(ref, out, atol=1e-4, rtol=1e-4)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    n_bn_left = sum(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    assert n_bn_left < n_bn  # folded ones are gone from the copy...
+    assert sum(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules()) == n_bn  # ...not the original

@@ -92,6 +92,36 @@ def _pad(arr: np.ndarray, widths: list[tuple[int, int]]) -> np.ndarray:
     return arr
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every eval-mode BatchNorm3d folded into the Conv3d before it.
+
+    In inference a BatchNorm is a fixed per-channel affine map, so ``bn(conv(x))`` equals one
+    convolution with rescaled weights and a bias: the same output (to float rounding) for one
+    memory pass less per layer. Only ``conv -> BatchNorm3d`` pairs inside an ``nn.Sequential``
+    are folded (every ``ConvNormAct`` of the network); other norms are left alone.
+    """
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for seq in folded.modules():
+            if not isinstance(seq, nn.Sequential):
+                continue
+            for i in range(len(seq) - 1):
+                conv, bn = seq[i], seq[i + 1]
+                if not (isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d)):
+                    continue
+                if bn.running_mean is None or not bn.affine:
+                    continue
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1, 1).to(conv.weight.dtype))
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                new_bias = (bias - bn.running_mean) * scale + bn.bias
+                conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+                seq[i + 1] = nn.Identity()
+    return folded
+
+
 class _Runner:
     """A model prepared for repeated patch batches (device, memory format, dtype, compile)."""
 
@@ -110,9 +140,11 @@ class _Runner:
         self.dtype = dtype
         self.channels_last = channels_last
         self.inference_mode = inference_mode
-        self.fn: Callable[[torch.Tensor], torch.Tensor] = model
+        # Inference mode also folds BatchNorms into their convolutions (exact in eval mode).
+        fast = fold_batchnorm(model) if inference_mode else model
+        self.fn: Callable[[torch.Tensor], torch.Tensor] = fast
         if compile:
-            self.fn = torch.compile(model, dynamic=False)
+            self.fn = torch.compile(fast, dynamic=False)
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
