@@ -58,14 +58,15 @@ class AngleBank:
 
 
 def bank_of(scan, *, progress: Callable | None = None, iterations: int = GOLD_ITERATIONS) -> AngleBank:
-    from apt_stream.physics.engine import EngineOptions, approximant_from_scan
+    from apt_stream.physics.engine import approximant_from_scan
 
-    two = approximant_from_scan(scan, keep_slices=True, progress=progress)
-    more = approximant_from_scan(scan, options=EngineOptions(iterations=iterations), progress=progress)
+    engine = approximant_from_scan(
+        scan, keep_slices=True, projection_iterations=iterations, progress=progress
+    )
     return AngleBank(
         scan=scan,
-        deltas={n: s.delta for n, s in two.summaries.items()},
-        projections={n: s.projection for n, s in more.summaries.items()},
+        deltas={n: s.delta for n, s in engine.summaries.items()},
+        projections={n: s.projection for n, s in engine.summaries.items()},
     )
 
 

@@ -62,11 +62,10 @@ def tomography_projections(
     scan, angle_indices, *, iterations: int = BASELINE_ITERATIONS, progress: Callable | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-angle projections from ``iterations`` multislice iterations (for FBP/SIRT/SART)."""
-    from apt_stream.physics.engine import EngineOptions, approximant_from_scan
+    from apt_stream.physics.engine import approximant_from_scan
 
     engine = approximant_from_scan(
-        scan, angle_indices=angle_indices, options=EngineOptions(iterations=iterations),
-        progress=progress,
+        scan, angle_indices=angle_indices, projection_iterations=iterations, progress=progress
     )
     return engine.projections()
 

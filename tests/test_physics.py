@@ -332,3 +332,15 @@ def test_paper_preset_is_constructible_without_simulating_frames():
     assert angles[1] - angles[0] == pytest.approx(0.4045, abs=1e-3)
     ny, nx = geometry.field_shape(phantom.labels.shape, 128, angles)
     assert ny == 256 and nx > 128 + 128
+
+
+def test_projection_iterations_refine_projections_not_the_approximant(tiny_scan):
+    from apt_stream.physics import tomo
+
+    plain = approximant_from_scan(tiny_scan)
+    refined = approximant_from_scan(tiny_scan, projection_iterations=10)
+    assert np.allclose(plain.volume(), refined.volume(), rtol=1e-4, atol=1e-10)
+    angles, p2 = plain.projections()
+    _, p10 = refined.projections()
+    truth = tomo.project(tiny_scan.truth.delta, angles, det_width_px=p2.shape[-1])
+    assert pcc(p10, truth) > pcc(p2, truth)

@@ -512,11 +512,15 @@ class StreamingApproximant:
         options: EngineOptions | None = None,
         device: torch.device | str = "cpu",
         keep_slices: bool = False,
+        projection_iterations: int | None = None,
     ) -> None:
         self.geometry = geometry_
         self.options = options or EngineOptions()
         self.device = torch.device(device)
         self.keep_slices = keep_slices
+        # After an angle's slices have gone into the Approximant, keep iterating (to this many in
+        # total) for the projection that classical tomography uses: one pass serves both.
+        self.projection_iterations = projection_iterations
         self._states: dict[int, AngleState] = {}
         self._angle_deg: dict[int, float] = {}
         self._first_loss: dict[int, float] = {}
@@ -559,23 +563,35 @@ class StreamingApproximant:
         self._first_loss[angle_id] += loss
         return loss
 
+    def _delta(self, state: AngleState, angle: float) -> torch.Tensor:
+        """Offset-corrected per-slab δ estimates (L, Ny, Nx) of an angle's current slices."""
+        g = self.geometry
+        row0 = int(np.asarray(g.probe).shape[-2]) // 2
+        phases = remove_phase_offset(
+            torch.angle(state.slices), shape_zyx=g.volume_shape_zyx, angle_deg=angle, row0=row0
+        )
+        return phases_to_delta(
+            phases, wavelength_m=g.wavelength_m, slice_spacing_m=state.slice_spacing_m
+        )
+
     def finish_angle(self, angle_id: int) -> AngleSummary:
         state = self._states.get(angle_id)
         if state is None:
             raise InputError(f"angle {angle_id} received no frames")
         t0 = time.perf_counter()
-        slices = state.finish()
+        slices = state.finish().clone()
         g = self.geometry
         angle = self._angle_deg[angle_id]
-        row0 = int(np.asarray(g.probe).shape[-2]) // 2
-        phases = remove_phase_offset(
-            torch.angle(slices), shape_zyx=g.volume_shape_zyx, angle_deg=angle, row0=row0
-        )
-        delta = phases_to_delta(
-            phases, wavelength_m=g.wavelength_m, slice_spacing_m=state.slice_spacing_m
-        )
+        delta = self._delta(state, angle)
         self.accumulator.add_delta(angle, delta)
-        rows = delta[:, row0 : row0 + g.volume_shape_zyx[1], :]
+        extra = (self.projection_iterations or 0) - self.options.iterations
+        if extra > 0:
+            state.refine(extra)
+            delta_for_projection = self._delta(state, angle)
+        else:
+            delta_for_projection = delta
+        row0 = int(np.asarray(g.probe).shape[-2]) // 2
+        rows = delta_for_projection[:, row0 : row0 + g.volume_shape_zyx[1], :]
         projection = (rows.sum(dim=0) * (state.slice_spacing_m / g.voxel_size_m)).cpu().numpy()
         summary = AngleSummary(
             angle_id=angle_id,
@@ -585,7 +601,7 @@ class StreamingApproximant:
             loss_pass1=self._first_loss.get(angle_id, float("nan")),
             loss_pass2=state.losses[-1],
             projection=projection.astype(np.float32),
-            slices=slices.clone() if self.keep_slices else None,
+            slices=slices if self.keep_slices else None,
             delta=delta.clone() if self.keep_slices else None,
         )
         state.release_frames()
@@ -619,6 +635,7 @@ def approximant_from_scan(
     options: EngineOptions | None = None,
     device: torch.device | str = "cpu",
     keep_slices: bool = False,
+    projection_iterations: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> StreamingApproximant:
     """Run the streaming engine over a scan (optionally a subset of its angles).
@@ -628,7 +645,8 @@ def approximant_from_scan(
     """
     indices = list(range(scan.n_angles)) if angle_indices is None else list(angle_indices)
     engine = StreamingApproximant(
-        ScanGeometry.from_scan(scan), options=options, device=device, keep_slices=keep_slices
+        ScanGeometry.from_scan(scan), options=options, device=device, keep_slices=keep_slices,
+        projection_iterations=projection_iterations,
     )
     for done, n in enumerate(indices):
         frames, positions = scan.frames_of(n)
