@@ -30,7 +30,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -871,7 +871,7 @@ def _write_provenance(f: h5py.File, provenance: Mapping) -> None:
     from apt_stream import __version__
 
     prov.setdefault("software_version", __version__)
-    prov.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    prov.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
     prov.setdefault("command_line", shlex.join(sys.argv))
     group = f.require_group(PROVENANCE)
     group.attrs["NX_class"] = OPTIONAL_GROUPS[PROVENANCE]

@@ -91,7 +91,7 @@ def checkpoint_metadata(
     prov = {
         "code_version": _code_version(),
         "torch_version": torch.__version__,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **_jsonable(dict(provenance or {}), "provenance"),
     }
     return {

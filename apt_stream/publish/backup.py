@@ -71,7 +71,7 @@ class BackupLog:
             os.replace(tmp, target)
             files[name] = str(target.relative_to(self.directory))
         line = {
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "time": _dt.datetime.now(_dt.UTC).isoformat(),
             "call": call,
             "run_uid": run_uid,
             "args": json_safe(dict(args)),

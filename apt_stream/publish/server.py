@@ -161,7 +161,7 @@ def check_writable(endpoint: TiledEndpoint, *, timeout_s: float = 10.0) -> dict[
 
     t0 = time.perf_counter()
     root = connect(endpoint, timeout_s=timeout_s)
-    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    stamp = _dt.datetime.now(_dt.UTC).isoformat()
     try:
         try:
             node = root[FLIGHT_CHECK_KEY]

@@ -62,7 +62,7 @@ class _Run:
     header: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
     started_at: str = field(
-        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat()
+        default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat()
     )
     node: Any = None
     children: dict[str, Any] = field(default_factory=dict)
