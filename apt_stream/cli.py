@@ -191,6 +191,7 @@ def demo(
             summary = live_demo(
                 workdir, preset=preset, seed=seed, rate_hz=rate or None, checkpoint=checkpoint,
                 baselines=baselines, say=lambda msg: console.print(f"[bold cyan]{msg}[/]"),
+                progress_factory=progress_bar,
             )
         snippet = summary.pop("client_snippet", None)
         _print_json(summary)

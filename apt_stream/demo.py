@@ -52,6 +52,7 @@ def live_demo(
     checkpoint: str | Path | None = None,
     baselines: bool = True,
     say: Callable[[str], None] = print,
+    progress_factory: Callable | None = None,
 ) -> dict:
     """Run the live demo end to end; returns the summary printed by the CLI."""
     from apt_stream.flows.settings import apply_offline_env
@@ -94,6 +95,7 @@ def live_demo(
             endpoint, backup_dir=work / "backup", approximant_every_s=5.0
         )
         ready, stop = threading.Event(), threading.Event()
+        listeners: list = []
         stack.callback(stop.set)
         outcome: dict = {}
         config = ListenConfig(
@@ -103,7 +105,8 @@ def live_demo(
             theta_star_deg=p.scan.angle_range_deg, backup_dir=str(work / "backup"),
         )
         resources = LiveResources(
-            publisher=publisher, stop=stop, on_ready=lambda _listener: ready.set(),
+            publisher=publisher, stop=stop,
+            on_ready=lambda listener: (listeners.append(listener), ready.set()),
             truth_fn=lambda header: scan.truth,
         )
 
@@ -124,15 +127,29 @@ def live_demo(
         say(f"3/5 acquiring: simulated beamline at {rate_text} in its own process")
         t_acq = time.perf_counter()
         rate_args = ["--rate", str(rate_hz)] if rate_hz else []
+        # The beamline's output goes to a file: a pipe nobody reads while we poll could fill up.
+        beam_log = stack.enter_context(open(work / "beamline.log", "w"))
         beamline = subprocess.Popen(
             [sys.executable, "-m", "apt_stream.cli", "replay", str(scan_path), "--zmq",
              proxy.in_address, *rate_args, "--data-root", str(work / "runs")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=beam_log, stderr=subprocess.STDOUT, text=True,
         )
         stack.callback(lambda: beamline.poll() is None and beamline.kill())
-        beam_out, _ = beamline.communicate(timeout=1800)
-        if beamline.returncode != 0:
-            raise ServiceError(f"the simulated beamline failed: {beam_out.strip()[-500:]}")
+        from apt_stream.pipeline import progress_context
+
+        # A bar of frames received by the listener while the beamline acquires.
+        with progress_context(progress_factory, "frames received") as update:
+            while beamline.poll() is None:
+                if update is not None and listeners:
+                    got = listeners[0].stats()["assembler"]["frames_emitted"]
+                    update(min(got, scan.n_frames), scan.n_frames)
+                time.sleep(0.5)
+            if update is not None:
+                update(scan.n_frames, scan.n_frames)
+        if beamline.wait(timeout=60) != 0:
+            beam_log.flush()
+            tail = (work / "beamline.log").read_text(errors="replace").strip()[-500:]
+            raise ServiceError(f"the simulated beamline failed: {tail}")
         timings["acquisition_s"] = time.perf_counter() - t_acq
         say("4/5 acquisition done; waiting for the final reconstruction")
         flow_thread.join(timeout=600)
