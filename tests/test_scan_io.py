@@ -74,20 +74,7 @@ def make_scan(
 
 
 def header_kwargs(scan: ScanData) -> dict:
-    return dict(
-        probe=scan.probe,
-        angles_deg=scan.angles_deg,
-        energy_kev=scan.energy_kev,
-        detector_distance_m=scan.detector_distance_m,
-        detector_pixel_m=scan.detector_pixel_m,
-        object_pixel_m=scan.object_pixel_m,
-        field_shape=scan.field_shape,
-        slice_spacing_m=scan.slice_spacing_m,
-        n_slices=scan.n_slices,
-        volume_shape_zyx=scan.volume_shape_zyx,
-        truth=scan.truth,
-        provenance=scan.provenance,
-    )
+    return scan.header_kwargs()
 
 
 def assert_same_scan(a: ScanData, b: ScanData) -> None:

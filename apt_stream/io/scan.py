@@ -208,6 +208,23 @@ class ScanData:
         rows = np.flatnonzero(np.asarray(self.angle_index) == int(n))
         return np.asarray(self.frames[rows]), np.asarray(self.positions_px)[rows]
 
+    def header_kwargs(self) -> dict[str, Any]:
+        """Everything but the frames, as :meth:`ScanWriter.write_header` takes it."""
+        return dict(
+            probe=self.probe,
+            angles_deg=self.angles_deg,
+            energy_kev=self.energy_kev,
+            detector_distance_m=self.detector_distance_m,
+            detector_pixel_m=self.detector_pixel_m,
+            object_pixel_m=self.object_pixel_m,
+            field_shape=self.field_shape,
+            slice_spacing_m=self.slice_spacing_m,
+            n_slices=self.n_slices,
+            volume_shape_zyx=self.volume_shape_zyx,
+            truth=self.truth,
+            provenance=self.provenance,
+        )
+
     def subset(self, angle_indices: Sequence[int]) -> ScanData:
         """A scan with only the given angles, renumbered in the order given.
 
@@ -1138,20 +1155,7 @@ def write_scan(
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         with ScanWriter(tmp, compression=compression, swmr=False) as writer:
-            writer.write_header(
-                probe=scan.probe,
-                angles_deg=scan.angles_deg,
-                energy_kev=scan.energy_kev,
-                detector_distance_m=scan.detector_distance_m,
-                detector_pixel_m=scan.detector_pixel_m,
-                object_pixel_m=scan.object_pixel_m,
-                field_shape=scan.field_shape,
-                slice_spacing_m=scan.slice_spacing_m,
-                n_slices=scan.n_slices,
-                volume_shape_zyx=scan.volume_shape_zyx,
-                truth=scan.truth,
-                provenance=scan.provenance,
-            )
+            writer.write_header(**scan.header_kwargs())
             for start, stop in _blocks(scan.n_frames, 256):
                 writer._append(
                     np.asarray(scan.angle_index)[start:stop],
