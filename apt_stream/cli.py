@@ -237,97 +237,62 @@ def model_info(
 @app.command()
 def train(
     preset: Annotated[str, typer.Option(help="Network preset to train.")] = "cpu",
-    data: Annotated[Path, typer.Option(help="Pair cache (built if missing).")] = Path(
-        "runs/pairs-demo.h5"
+    banks: Annotated[Path, typer.Option(help="Folder of angle banks (built or completed first).")] = Path(
+        "runs/banks"
     ),
-    out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint folder.")] = Path("runs/apt-cpu"),
-    epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 60,
-    train_phantoms: Annotated[int, typer.Option(help="Phantoms for training.")] = 24,
-    val_phantoms: Annotated[int, typer.Option(help="Phantoms for validation.")] = 4,
-    test_phantoms: Annotated[int, typer.Option(help="Held-out phantoms for evaluate.")] = 4,
+    out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint folder.")] = Path("runs/apt-general"),
+    epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 40,
+    samples_per_epoch: Annotated[int, typer.Option(help="Random-angle samples per epoch.")] = 512,
+    train_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for training.")] = 48,
+    val_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for validation.")] = 6,
+    jobs: Annotated[int, typer.Option(help="Processes simulating banks.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.safetensors.")] = False,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    finetune: Annotated[
+        Path | None, typer.Option(help="Fine-tune this checkpoint on your chip (needs --gold).")
+    ] = None,
+    gold: Annotated[
+        Path | None, typer.Option(help="Many-angle gold scan of one region: its SART volume labels the data.")
+    ] = None,
+    scan: Annotated[
+        list[Path] | None, typer.Option(help="Few-angle scan(s) of the gold region (repeat).")
+    ] = None,
 ) -> None:
-    """Simulate training pairs (demo preset, 29 angles over ±17°) and train the APT network."""
-    with _errors():
-        from apt_stream.model.presets import create_model
-        from apt_stream.model.train import train as train_model
-        from apt_stream.training_data import build_pair_cache
+    """Train the APT network on the wide design space with random angle sets (resumable).
 
-        counts = {"train": train_phantoms, "val": val_phantoms, "test": test_phantoms}
-        progress, update = progress_bar("simulating training pairs")
+    With --finetune CHECKPOINT --gold GOLD.h5 [--scan REDUCED.h5]: fine-tune on your own chip,
+    labels from the gold-standard reconstruction of GOLD (no ground truth needed).
+    """
+    with _errors():
+        if finetune is not None or gold is not None:
+            _finetune(finetune, gold, scan or [], out_dir, epochs, seed)
+            return
+        from apt_stream.training_run import build_training_banks, train_general_model
+
+        progress, update = progress_bar("simulating angle banks")
         with progress:
-            build_pair_cache(data, preset="demo", counts=counts, progress=update)
-        model = create_model(preset)
-        result = train_model(
-            model, data, data, epochs=epochs, out_dir=out_dir, resume=resume or None, seed=seed,
-            provenance={"pair_cache": str(data), "phantoms": counts, "simulator_preset": "demo"},
+            files = build_training_banks(
+                banks, n_train=train_phantoms, n_val=val_phantoms, jobs=jobs, progress=update
+            )
+        _, result = train_general_model(
+            files, out_dir=out_dir, preset=preset, epochs=epochs,
+            samples_per_epoch=samples_per_epoch, resume=resume, seed=seed,
         )
         _print_json({
             "best": str(result.best_path), "best_epoch": result.best_epoch,
             "best_val_loss": result.best_val_loss,
-            "ship_with": f"cp {result.best_path} apt_stream/model/weights/apt-cpu.safetensors",
+            "ship_with": f"apt-stream model ship {result.best_path}",
         })
 
 
-@app.command()
-def replay(
-    scan_path: Annotated[Path, typer.Argument(help="Scan file to publish.")],
-    zmq: Annotated[str, typer.Option("--zmq", help="0MQ proxy input, e.g. tcp://127.0.0.1:5577.")],
-    rate: Annotated[float | None, typer.Option("--rate", help="Frames per second (default: as fast as possible).")] = None,
-    data_root: Annotated[
-        Path | None, typer.Option(help="Where the simulated detector writes (default: SCAN's folder/runs).")
-    ] = None,
-    serializer: Annotated[str, typer.Option(help="msgpack | json")] = "msgpack",
-) -> None:
-    """Publish a scan file as a live Bluesky document stream (RunEngine + zmq Publisher)."""
-    with _errors():
-        from apt_stream.plugins.bluesky.replay import replay_scan
+def _finetune(checkpoint, gold, scans, out_dir, epochs, seed) -> None:
+    from apt_stream.errors import ConfigError
+    from apt_stream.finetune import finetune_on_gold
 
-        uid = replay_scan(
-            scan_path, zmq_address=zmq, rate_hz=rate, data_root=data_root, serializer=serializer
-        )
-        out.print(f"published run {uid}")
-
-
-@app.command()
-def listen(
-    zmq: Annotated[str, typer.Option("--zmq", help="The 0MQ proxy's output, e.g. tcp://beamline:5578.")],
-    data_root: Annotated[list[Path], typer.Option(help="Folder frames may be read from (repeat).")],
-    tiled_uri: Annotated[
-        str | None, typer.Option(help="Tiled API address (default: $APT_STREAM_TILED_URI).")
-    ] = None,
-    spool: Annotated[Path | None, typer.Option(help="Per-run document spool folder.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Network checkpoint (default: shipped).")] = None,
-    n_star: Annotated[int, typer.Option(help="N*: finished angles that trigger APT.")] = 29,
-    theta_star: Annotated[float, typer.Option(help="θ*: half-range (deg) they must cover.")] = 17.0,
-    preview_every: Annotated[
-        int | None, typer.Option(help="Interim APT previews every K finished angles.")
-    ] = None,
-    max_runs: Annotated[int | None, typer.Option(help="Stop after this many scans.")] = None,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
-) -> None:
-    """Serve a beamline: follow its proxy, reconstruct every scan live, publish to Tiled.
-
-    The Tiled API key comes from $APT_STREAM_TILED_API_KEY (never a flag, never logged). Runs as
-    the Prefect `listen` flow: on PREFECT_API_URL's server if set, else Prefect's ephemeral one.
-    """
-    with _errors():
-        from apt_stream.flows.settings import apply_offline_env
-
-        apply_offline_env()
-        from apt_stream.flows.listen import ListenConfig
-        from apt_stream.flows.listen import listen as listen_flow
-
-        config = ListenConfig(
-            proxy_address=zmq, data_roots=[str(p) for p in data_root],
-            spool_dir=str(spool) if spool else None, tiled_uri=tiled_uri,
-            checkpoint=str(checkpoint) if checkpoint else None, n_star=n_star,
-            theta_star_deg=theta_star, preview_every=preview_every, max_runs=max_runs,
-            device=device,
-        )
-        console.print(f"listening on {zmq} (N* = {n_star}, θ* = ±{theta_star}°); Ctrl-C stops")
-        _print_json(listen_flow(config))
+    if checkpoint is None or gold is None:
+        raise ConfigError("fine-tuning needs both --finetune CHECKPOINT and --gold GOLD.h5")
+    result = finetune_on_gold(checkpoint, gold, scans, out_dir=out_dir, epochs=min(epochs, 40), seed=seed)
+    _print_json(result)
 
 
 @app.command()

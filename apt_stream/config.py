@@ -56,6 +56,13 @@ class ProbeOptions(_Options):
     beam_fwhm_px: float = Field(gt=0, description="FWHM of the fundamental mode's intensity")
     defocus_m: float = Field(default=0.0, description="probe defocus (adds curvature), metres")
     photons_per_frame: float = Field(gt=0, description="dose: expected photons per frame")
+    shape: Literal["gaussian", "annular"] = Field(
+        default="gaussian",
+        description="gaussian: Hermite-Gauss modes; annular: a zone-plate-like pupil with a central stop",
+    )
+    central_stop: float = Field(
+        default=0.0, ge=0, lt=1, description="annular probes: central-stop radius / pupil radius"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ProbeOptions:

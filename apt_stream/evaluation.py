@@ -35,6 +35,13 @@ class AngleBank:
     scan: object
     deltas: dict[int, object]  # angle index -> (L, Ny, Nx) δ slabs after 2 iterations
     projections: dict[int, np.ndarray]  # angle index -> (ny, Nx) from GOLD_ITERATIONS
+    live_projections: dict[int, np.ndarray] = field(default_factory=dict)  # from the 2 iterations
+
+    def live_projection_set(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(angles, projections) as the live engine hands them to data consistency."""
+        order = sorted(indices, key=lambda n: self.scan.angles_deg[n])
+        return (np.array([self.scan.angles_deg[n] for n in order]),
+                np.stack([self.live_projections[n] for n in order]))
 
     def approximant(self, indices: Sequence[int]) -> np.ndarray:
         from apt_stream.physics.engine import ApproximantAccumulator
@@ -59,14 +66,24 @@ class AngleBank:
 
 def bank_of(scan, *, progress: Callable | None = None, iterations: int = GOLD_ITERATIONS) -> AngleBank:
     from apt_stream.physics.engine import approximant_from_scan
+    from apt_stream.physics.geometry import slice_spacing_m
 
     engine = approximant_from_scan(
         scan, keep_slices=True, projection_iterations=iterations, progress=progress
     )
+    row0 = scan.frame_shape[0] // 2
+    ny = scan.volume_shape_zyx[1]
+    live = {
+        n: (s.delta[:, row0 : row0 + ny, :].sum(dim=0)
+            * float(slice_spacing_m(scan.volume_shape_zyx, scan.object_pixel_m, s.angle_deg,
+                                    scan.n_slices) / scan.object_pixel_m)).numpy().astype(np.float32)
+        for n, s in engine.summaries.items()
+    }
     return AngleBank(
         scan=scan,
         deltas={n: s.delta for n, s in engine.summaries.items()},
         projections={n: s.projection for n, s in engine.summaries.items()},
+        live_projections=live,
     )
 
 
@@ -81,34 +98,55 @@ class PhantomResult:
     seconds: float = 0.0
 
 
+ScanMaker = Callable[..., object]
+
+
+def preset_scan_maker(preset: str, seed: int) -> ScanMaker:
+    """``make(n_angles, range_deg, **kw)``: scans of phantom ``seed`` with a named preset."""
+    from apt_stream.sim.acquire import simulate_scan
+
+    p = get_preset(preset)
+    return lambda n, theta, **kw: simulate_scan(p, seed=seed, n_angles=n, range_deg=theta, **kw)
+
+
 def evaluate_phantom(
     seed: int,
     model,
     *,
     preset: str = "demo",
+    scan_maker: ScanMaker | None = None,
+    gold_setting: tuple[int, float] | None = None,
     n_star: int = 29,
     theta_star: float = 17.0,
     sweeps: bool = True,
     exclude_z: Sequence[int] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PhantomResult:
-    from apt_stream.reconstruct import apt_volume, match_to, score
-    from apt_stream.sim.acquire import simulate_scan
+    """Score APT (data-consistent and raw), FBP/SIRT/SART and the gold standard on one phantom.
+
+    ``scan_maker(n_angles, range_deg)`` makes the scans (default: the preset's simulator for
+    ``seed``); the gold scan is ``gold_setting`` (default the preset's gold scan), the N* scan is
+    simulated at (N*, ±θ*) itself, and the N sweep takes subsets of it.
+    """
+    from apt_stream.reconstruct import apt_volumes, match_to, score
 
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    p = get_preset(preset)
-    say(f"phantom {seed}: simulating the gold scan ({p.gold_scan.n_angles} angles)")
-    gold_scan = simulate_scan(p, seed=seed, scan=p.gold_scan)
-    say(f"phantom {seed}: per-angle reconstructions")
-    bank = bank_of(gold_scan)
-    truth = gold_scan.truth
-    every = list(range(gold_scan.n_angles))
-    gold = bank.baselines(every, which=("sart",))["sart"]
-    star = list(select_angles(gold_scan.angles_deg, n_star, theta_star))
-    approximant = bank.approximant(star)
-    volumes = {"approximant": approximant, "apt": apt_volume(model, approximant)}
-    volumes.update(bank.baselines(star))
+    make = scan_maker or preset_scan_maker(preset, seed)
+    if gold_setting is None:
+        gs = get_preset(preset).gold_scan
+        gold_setting = (gs.n_angles, gs.angle_range_deg)
+    say(f"phantom {seed}: gold scan ({gold_setting[0]} angles over ±{gold_setting[1]}°)")
+    gold_bank = bank_of(make(*gold_setting))
+    truth = gold_bank.scan.truth
+    gold = gold_bank.baselines(list(range(gold_bank.scan.n_angles)), which=("sart",))["sart"]
+    say(f"phantom {seed}: N* scan ({n_star} angles over ±{theta_star}°)")
+    star_bank = bank_of(make(n_star, theta_star))
+    star = list(range(star_bank.scan.n_angles))
+    approximant = star_bank.approximant(star)
+    volumes = {"approximant": approximant,
+               **apt_volumes(model, approximant, projections=star_bank.live_projection_set(star))}
+    volumes.update(star_bank.baselines(star))
     volumes["gold (SART, all angles)"] = gold
     main = score(volumes, truth, exclude_z=exclude_z)
     from apt_stream.io import GroundTruth
@@ -125,27 +163,58 @@ def evaluate_phantom(
     result = PhantomResult(seed=seed, main=main, vs_gold=vs_gold, volumes={**volumes, "truth": truth.delta})
     if sweeps:
         for n in N_SWEEP:
-            idx = list(select_angles(gold_scan.angles_deg, n, theta_star))
-            apx = bank.approximant(idx)
+            idx = list(select_angles(star_bank.scan.angles_deg, n, theta_star))
             row = {"n": n, "range_deg": theta_star}
-            row.update(_sweep_scores(model, apx, bank, idx, truth, exclude_z))
+            row.update(_sweep_scores(model, star_bank, idx, truth, exclude_z))
             result.sweep_n.append(row)
             say(f"phantom {seed}: N sweep {n}")
-        spacing = float(np.median(np.diff(gold_scan.angles_deg)))
         for theta in THETA_SWEEP:
-            inside = np.count_nonzero(np.abs(gold_scan.angles_deg) <= theta + 1e-6)
-            if inside >= n_star:
-                src, idx = bank, list(select_angles(gold_scan.angles_deg, n_star, theta))
-            else:  # narrower than the gold spacing allows: simulate this range itself
-                say(f"phantom {seed}: simulating ±{theta}° (gold spacing {spacing:.2f}°)")
-                scan = simulate_scan(p, seed=seed, n_angles=n_star, range_deg=theta)
-                src, idx = bank_of(scan), list(range(n_star))
+            if abs(theta - theta_star) < 1e-9:
+                src = star_bank
+            elif np.count_nonzero(np.abs(gold_bank.scan.angles_deg) <= theta + 1e-6) >= n_star:
+                src = gold_bank
+            else:  # narrower than the gold spacing allows: scan this range itself
+                say(f"phantom {seed}: scanning ±{theta}°")
+                src = bank_of(make(n_star, theta))
+            idx = list(select_angles(src.scan.angles_deg, n_star, theta))
             row = {"n": n_star, "range_deg": theta}
-            row.update(_sweep_scores(model, src.approximant(idx), src, idx, truth, exclude_z))
+            row.update(_sweep_scores(model, src, idx, truth, exclude_z))
             result.sweep_theta.append(row)
             say(f"phantom {seed}: θ sweep ±{theta}°")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _rms(v: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(v, dtype=np.float64))))
+
+
+def input_response(
+    model, make: ScanMaker, *, n_star: int = 29, theta_star: float = 17.0
+) -> dict[str, float]:
+    """Does the output follow the input? Vacuum in → vacuum out; a z-flipped chip → flipped volume.
+
+    ``make(n, θ, vacuum=True)`` is the same scan with the object removed, ``flip_z=True`` the
+    chip mounted upside down. Reported for ``apt`` and ``apt-raw``: the output RMS on vacuum over
+    the sample's true δ RMS, and the PCC of the flipped chip's volume with the flipped volume.
+    """
+    from apt_stream.metrics import pcc
+    from apt_stream.reconstruct import apt_volumes
+
+    def run(bank: AngleBank) -> dict[str, np.ndarray]:
+        idx = list(range(bank.scan.n_angles))
+        return apt_volumes(model, bank.approximant(idx), projections=bank.live_projection_set(idx))
+
+    sample_bank = bank_of(make(n_star, theta_star))
+    sample = run(sample_bank)
+    vacuum = run(bank_of(make(n_star, theta_star, vacuum=True)))
+    flipped = run(bank_of(make(n_star, theta_star, flip_z=True)))
+    delta_rms = _rms(sample_bank.scan.truth.delta)
+    out: dict[str, float] = {}
+    for name in ("apt", "apt-raw"):
+        out[f"{name}_vacuum_rms_ratio"] = round(_rms(vacuum[name]) / delta_rms, 4)
+        out[f"{name}_flip_pcc"] = round(float(pcc(flipped[name], sample[name][::-1])), 4)
+    return out
 
 
 def _metal_threshold(gold: np.ndarray, truth) -> float:
@@ -156,10 +225,10 @@ def _metal_threshold(gold: np.ndarray, truth) -> float:
     return float(em_threshold(match_to(gold, truth.delta)).threshold)
 
 
-def _sweep_scores(model, approximant, bank: AngleBank, idx, truth, exclude_z=None) -> dict:
-    from apt_stream.reconstruct import apt_volume, score
+def _sweep_scores(model, bank: AngleBank, idx, truth, exclude_z=None) -> dict:
+    from apt_stream.reconstruct import apt_volumes, score
 
-    vols = {"apt": apt_volume(model, approximant)}
+    vols = apt_volumes(model, bank.approximant(idx), projections=bank.live_projection_set(idx))
     vols.update(bank.baselines(idx, which=("sart",)))
     s = score(vols, truth, exclude_z=exclude_z)
     return {f"{method}_{k}": v for method, m in s.items() for k, v in m.items()}

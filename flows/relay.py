@@ -270,9 +270,9 @@ class LiveBridge:
         channel.engine = self._engine_factory(header)
         return RelayedEngine(channel.engine, channel, self.tasks.finish_angle)
 
-    def reconstruct_fn(self, volume: Any, header: Any) -> Any:
+    def reconstruct_fn(self, volume: Any, header: Any, projections: Any = None) -> Any:
         return self._channel(header.run_uid).submit(
-            "reconstruct", self.tasks.reconstruct, (self._reconstruct_fn, volume, header)
+            "reconstruct", self.tasks.reconstruct, (self._reconstruct_fn, volume, header, projections)
         )
 
     # -- the sink protocol -----------------------------------------------------------------------

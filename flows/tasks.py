@@ -96,8 +96,12 @@ def publish_angle(publisher: Any, run_uid: str, summary: Any, approximant: Any) 
 
 @task(name="reconstruct", **_COMMON)
 @_timed
-def reconstruct(reconstruct_fn: Callable, volume: Any, header: Any) -> dict:
-    """The APT network (and baselines) on the Approximant."""
+def reconstruct(reconstruct_fn: Callable, volume: Any, header: Any, projections: Any = None) -> dict:
+    """The APT network (+ data consistency when given projections) on the Approximant."""
+    from apt_stream.stream.live import accepts_projections
+
+    if projections is not None and accepts_projections(reconstruct_fn):
+        return reconstruct_fn(volume, header, projections=projections)
     return reconstruct_fn(volume, header)
 
 

@@ -26,16 +26,16 @@ def engine_factory(*, device: str = "cpu") -> Callable[[Any], Any]:
 def model_reconstructor(
     checkpoint: str | os.PathLike | None, *, device: str = "cpu"
 ) -> tuple[Callable[[Any, Any], dict], dict[str, Any]]:
-    """Load a checkpoint (None: the shipped model); return ``reconstruct_fn(volume, header) ->
-    {"apt": ...}`` and the model's ``model_name`` / ``model_checksum`` for the scans' metadata.
+    """Load a checkpoint (None: the shipped model); return ``reconstruct_fn(volume, header,
+    projections=None) -> {"apt": ..., "apt-raw": ...}`` and the model's ``model_name`` / ``model_checksum`` for the scans' metadata.
 
     Raises
     ------
     ModelError
         The checkpoint is missing, cannot be loaded safely or does not match its network.
     """
-    from apt_stream.model import load_checkpoint, predict_volume, sha256_file
-    from apt_stream.reconstruct import DEFAULT_CHECKPOINT
+    from apt_stream.model import load_checkpoint, sha256_file
+    from apt_stream.reconstruct import DEFAULT_CHECKPOINT, apt_volumes
 
     if checkpoint is None:
         checkpoint = DEFAULT_CHECKPOINT
@@ -47,8 +47,8 @@ def model_reconstructor(
     path = Path(checkpoint)
     model, meta = load_checkpoint(path, map_location=device)
 
-    def reconstruct(volume: Any, header: Any) -> dict:
-        return {"apt": predict_volume(model, volume, device=device)}
+    def reconstruct(volume: Any, header: Any, projections: Any = None) -> dict:
+        return apt_volumes(model, volume, projections=projections, device=device)
 
     weights = path.with_name(meta["weights_file"]) if meta.get("weights_file") else path
     info = {

@@ -133,7 +133,7 @@ def test_energy_outside_table_raises(energy_kev):
         refractive_index("Cu", energy_kev)
 
 
-@pytest.mark.parametrize("material", ["Al", "gold", 7, -1, None])
+@pytest.mark.parametrize("material", ["Au", "gold", 9, -1, None])
 def test_unknown_material_raises(material):
     with pytest.raises(InputError, match="material"):
         refractive_index(material, 8.8)
@@ -146,6 +146,10 @@ def test_material_table_matches_conventions():
         2: "Si",
         3: "Cu",
         4: "W",
+        5: "Al",
+        6: "Co",
+        7: "SiCOH",
+        8: "Si3N4",
     }
     assert (VACUUM, SIO2, SI, CU, W) == (0, 1, 2, 3, 4)
 
@@ -165,7 +169,7 @@ def test_delta_beta_volumes():
 @pytest.mark.parametrize(
     ("labels", "match"),
     [
-        (np.array([0, 1, 5], dtype=np.uint8), "labels must lie"),
+        (np.array([0, 1, 9], dtype=np.uint8), "labels must lie"),
         (np.array([-1, 1], dtype=np.int16), "labels must lie"),
         (np.zeros(3, dtype=np.float32), "integer"),
         ([0, 1, 2], "integer"),

@@ -8,7 +8,9 @@ input (or is constant) is reproduced exactly. The volume is reflect-padded later
 overlap so that border voxels are predicted from patch interiors too, and padded in depth to the
 network's size multiple; both paddings are cropped from the output.
 
-Units: by default the volume is standardised (``(v − mean) / std`` over the whole volume) before it
+Units: with ``io_config["input_norm"] == "rms"`` (the default model's) the volume is divided by its
+RMS on the way in and the (calibrated) output multiplied by it on the way out, so the output is δ
+in the input's units whatever the energy, voxel size or thickness. Older models: the volume is standardised (``(v − mean) / std`` over the whole volume) before it
 enters the network, as in training. The network's output is then in arbitrary units (NPCC training
 fixes correlation, not scale); when the model's ``io_config["output_affine"] = (a, b)`` is set
 (training fits it on the validation set), the output is mapped to ``a * out + b``, the truth's units.
@@ -280,9 +282,17 @@ def _stitch(
 ) -> np.ndarray:
     model = runner.model
     io = dict(getattr(model, "io_config", None) or {})
+    mode = io.get("input_norm", "standardize")
     if normalize is None:
-        normalize = io.get("input_norm", "standardize") == "standardize"
-    if normalize:
+        normalize = mode in ("standardize", "rms")
+    # "rms": divide by the volume's RMS and multiply the output back (scale-free in, physical
+    # units out: f(c·x) = c·f(x), so a vacuum input, whose RMS is noise, stays near zero).
+    out_scale = 1.0
+    if normalize and mode == "rms":
+        rms = float(np.sqrt(np.mean(np.square(vol, dtype=np.float64))))
+        out_scale = rms if rms > 0 else 1.0
+        vol = (vol / out_scale).astype(np.float32, copy=False)
+    elif normalize:
         std = float(vol.std())
         # A constant volume carries no structure; centring alone avoids dividing by zero.
         vol = (vol - float(vol.mean())) / (std if std > 0 else 1.0)
@@ -336,6 +346,8 @@ def _stitch(
     if calibrate and affine is not None:
         a, b = (float(v) for v in affine)
         result = result * np.float32(a) + np.float32(b)
+    if out_scale != 1.0:
+        result = result * np.float32(out_scale)
     return np.ascontiguousarray(result, dtype=np.float32)
 
 

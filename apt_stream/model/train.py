@@ -251,6 +251,18 @@ def load_pairs(
     return (pairs, attrs) if with_attrs else pairs
 
 
+def _dataset(source, split: str, ds_kwargs: dict) -> tuple[Any, dict[str, Any]]:
+    """A dataset from pairs / a pair cache, or ``source`` itself when it already is one.
+
+    Anything with ``batches(batch_size, shuffle=, augment=, rng=)`` and ``__len__`` (e.g.
+    :class:`apt_stream.random_angles.RandomAngleDataset`) is used as given.
+    """
+    if source is not None and hasattr(source, "batches"):
+        return source, dict(getattr(source, "provenance", {}) or {})
+    pairs, prov = _resolve_pairs(source, split)
+    return (PairDataset(pairs, **ds_kwargs) if pairs else None), prov
+
+
 def _resolve_pairs(pairs: PairsLike | None, split: str) -> tuple[list[Pair], dict[str, Any]]:
     if pairs is None:
         return [], {}
@@ -438,23 +450,23 @@ def train(
     dev = torch.device(device)
     torch.manual_seed(seed)
 
-    tr_pairs, tr_prov = _resolve_pairs(train_pairs, "train")
-    va_pairs, va_prov = _resolve_pairs(val_pairs, "val")
-    if not tr_pairs:
-        raise InputError("no training pairs")
     patch = patch_xy if patch_xy is not None else tuple(model.config.input_zyx[1:])
     ds_kwargs = {"patch_xy": patch, "overlap": overlap, "upsample_xy": model.upsample_xy}
-    train_ds = PairDataset(tr_pairs, **ds_kwargs)
-    val_ds = PairDataset(va_pairs, **ds_kwargs) if va_pairs else None
+    train_ds, tr_prov = _dataset(train_pairs, "train", ds_kwargs)
+    val_ds, va_prov = _dataset(val_pairs, "val", ds_kwargs)
+    if train_ds is None or not len(train_ds):
+        raise InputError("no training pairs")
+    input_norm = getattr(train_ds, "input_norm", "standardize")
+    model.io_config["input_norm"] = input_norm
 
     model.to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=0.0)
     run_config = {
         "epochs": epochs, "batch_size": batch_size, "lr0": lr, "betas": list(betas),
         "weight_decay": 0.0, "lr_schedule": {"rule": "poly", "T": lr_decay_epochs, "power": lr_power},
-        "patch_xy": list(train_ds.patch), "overlap": overlap, "augment": augment,
-        "augmentations": ["flip_x", "flip_y"] if augment else [], "seed": seed, "loss": "npcc",
-        "input_norm": "standardize",
+        "patch_xy": [int(v) for v in np.broadcast_to(train_ds.patch, 2)], "overlap": overlap, "augment": augment,
+        "augmentations": getattr(train_ds, "augmentations", ["flip_x", "flip_y"]) if augment else [],
+        "seed": seed, "loss": "npcc", "input_norm": input_norm,
     }
     base_prov = {
         **{f"train_{k}": v for k, v in tr_prov.items()},

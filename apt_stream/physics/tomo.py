@@ -449,6 +449,15 @@ def sirt(
     return _out(_to_public(x), as_numpy)
 
 
+def _start(initial: Any, op: _RayOperator, kw: dict) -> torch.Tensor:
+    if initial is None:
+        return torch.zeros(1, op.ny, op.nz, op.nx, **kw)
+    x0, _ = _tensor(initial, "initial", 3, kw["device"])
+    if tuple(x0.shape) != (op.nz, op.ny, op.nx):
+        raise InputError(f"initial volume has shape {tuple(x0.shape)}, expected {(op.nz, op.ny, op.nx)}")
+    return _to_internal(x0.to(kw["dtype"])).clone()
+
+
 def _access_order(angles_rad: np.ndarray, order: str) -> np.ndarray:
     by_angle = np.argsort(np.mod(angles_rad, np.pi), kind="stable")
     if order == "sequential":
@@ -468,6 +477,7 @@ def sart(
     relaxation: float = 0.25,
     nonneg: bool = False,
     order: str = "golden",
+    initial: Any = None,
     device: str | torch.device | None = None,
 ) -> Any:
     """SART (Andersen & Kak 1984): update angle by angle, normalised by row and column sums.
@@ -491,6 +501,9 @@ def sart(
         Clip negative voxels to 0 after each angle's update.
     order : {"golden", "sequential"}
         Angle access order within a sweep: golden-ratio spread or increasing angle.
+    initial : array_like, optional
+        ``(nz, ny, nx)`` start volume (default zeros); e.g. a network's output, which the sweeps
+        then pull towards agreement with the projections (data consistency).
 
     Returns
     -------
@@ -507,7 +520,7 @@ def sart(
     ones = torch.ones(1, 1, op.width, **kw)
     inv_col = [_safe_inverse(op.adjoint(ones, np.array([a]))) for a in range(n_ang)]
     seq = _access_order(op.angles_rad, order)
-    x = torch.zeros(1, op.ny, op.nz, op.nx, **kw)
+    x = _start(initial, op, kw)
     for _ in range(int(n_iter)):
         for a in seq:
             sel = np.array([a])

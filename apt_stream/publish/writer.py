@@ -8,7 +8,8 @@ Layout (docs/querying.md shows how to search and slice it)::
         approximant            (z, y, x) float32, rewritten in place as angles finish
         angles                 table: angle_id, angle_deg, frames, seconds, loss, loss_pass1
         apt                    (z, y, x) float32, the network's volume
-        baselines/<name>       (z, y, x) float32, e.g. fbp, sirt (any volume not named "apt")
+        apt-raw                (z, y, x) float32, the network's output before data consistency
+        baselines/<name>       (z, y, x) float32, e.g. fbp, sirt (any other volume name)
         metrics                table: one row per volume scored against ground truth
 
 Arrays carry ``dims = ["z", "y", "x"]`` and ``voxel_size_m = [vz, vy, vx]`` in their metadata.
@@ -447,7 +448,7 @@ class TiledPublisher:
                              f"got {name!r}")
         if name in ("approximant", "angles", "metrics", "baselines"):
             raise InputError(f"volume name {name!r} is reserved")
-        return name if name == "apt" or len(parts) == 2 else f"baselines/{name}"
+        return name if name in ("apt", "apt-raw") or len(parts) == 2 else f"baselines/{name}"
 
     def _write_volume(self, run: _Run, key: str, arr: np.ndarray, extra: dict[str, Any]) -> None:
         """Overwrite the array in place when its shape is unchanged (one PUT), else recreate."""

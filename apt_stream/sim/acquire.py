@@ -110,12 +110,16 @@ def simulate_scan(
     n_angles: int | None = None,
     range_deg: float | None = None,
     noise: bool | None = None,
+    phantom=None,
     progress: Callable[[int, int], None] | None = None,
 ):
     """Simulate a ptycho-tomo scan of a seeded IC phantom; returns an ``apt_stream.io.ScanData``.
 
     ``scan`` defaults to the preset's N*-scan; ``n_angles``/``range_deg`` override it (e.g. the
     preset's ``gold_scan``). All randomness (phantom, jitter, noise) derives from ``seed``.
+    ``phantom`` (an ``apt_stream.sim.phantom.Phantom``, e.g. from the wide design space of
+    ``apt_stream.sim.design``) replaces the preset's own seeded phantom; its voxel size must be
+    the preset's.
     """
     from apt_stream.io import GroundTruth, ScanData
 
@@ -132,8 +136,13 @@ def simulate_scan(
         scan = scan.model_copy(update=updates)
         ScanOptions.model_validate(scan.model_dump())
     rng = np.random.default_rng(seed)
-    phantom = make_ic_phantom(preset.phantom, seed=seed)
     voxel = preset.phantom.voxel_size_m
+    if phantom is None:
+        phantom = make_ic_phantom(preset.phantom, seed=seed)
+    elif not math.isclose(phantom.voxel_size_m, voxel, rel_tol=1e-6):
+        raise InputError(
+            f"phantom voxel {phantom.voxel_size_m:g} m differs from the preset's {voxel:g} m"
+        )
     energy = preset.geometry.energy_kev
     wavelength = preset.wavelength_m
     delta, beta = delta_beta_volumes(phantom.labels, energy)

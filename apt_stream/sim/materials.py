@@ -45,7 +45,13 @@ __all__ = [
     "SIO2",
     "VACUUM",
     "W",
+    "AL",
+    "CO",
+    "SICOH",
+    "SI3N4",
+    "METAL_LABELS",
     "delta_beta_volumes",
+    "is_metal",
     "refractive_index",
     "scattering_factors",
 ]
@@ -59,7 +65,10 @@ N_A_PER_MOL = 6.02214076e23
 ENERGY_RANGE_KEV = (5.0, 20.0)
 
 #: Standard atomic weights, g/mol.
-_ATOMIC_MASS_G_MOL = {"O": 15.999, "Si": 28.085, "Cu": 63.546, "W": 183.84}
+_ATOMIC_MASS_G_MOL = {
+    "O": 15.999, "Si": 28.085, "Cu": 63.546, "W": 183.84,
+    "H": 1.008, "C": 12.011, "N": 14.007, "Al": 26.982, "Co": 58.933,
+}
 
 #: Absorption edges (keV) inside the tables' range: the segment boundaries below.
 ABSORPTION_EDGES_KEV: dict[str, tuple[float, ...]] = {
@@ -218,6 +227,10 @@ class Material:
 
 #: Label values of docs/conventions.md.
 VACUUM, SIO2, SI, CU, W = 0, 1, 2, 3, 4
+#: Labels of the wide design space (apt_stream.sim.design): two more metals, two more dielectrics.
+AL, CO, SICOH, SI3N4 = 5, 6, 7, 8
+#: The metal labels: the "1" class of DSC/BER. Dielectrics and Si are the "0" class.
+METAL_LABELS = (CU, W, AL, CO)
 
 #: The label table of docs/conventions.md: label -> material. "Metal" is label >= CU.
 MATERIALS: dict[int, Material] = {
@@ -226,7 +239,18 @@ MATERIALS: dict[int, Material] = {
     SI: Material(SI, "Si", 2.33, (("Si", 1),)),
     CU: Material(CU, "Cu", 8.96, (("Cu", 1),)),
     W: Material(W, "W", 19.3, (("W", 1),)),
+    AL: Material(AL, "Al", 2.70, (("Al", 1),)),
+    CO: Material(CO, "Co", 8.90, (("Co", 1),)),
+    # Porous low-k carbon-doped oxide; composition Si:O:C:H about 5:9:4:11 (atomic fractions
+    # 0.17 / 0.31 / 0.14 / 0.38 as reported for PECVD SiCOH films), film density 1.3 g/cm³.
+    SICOH: Material(SICOH, "SiCOH", 1.30, (("Si", 5), ("O", 9), ("C", 4), ("H", 11))),
+    SI3N4: Material(SI3N4, "Si3N4", 3.17, (("Si", 3), ("N", 4))),
 }
+
+
+def is_metal(labels: np.ndarray) -> np.ndarray:
+    """Boolean mask of the metal voxels (``METAL_LABELS``) of a label volume."""
+    return np.isin(np.asarray(labels), METAL_LABELS)
 
 #: Material name (lower case) -> label.
 LABELS: dict[str, int] = {m.name.lower(): m.label for m in MATERIALS.values()}
@@ -256,17 +280,38 @@ def scattering_factors(element: str, energy_kev: float) -> tuple[float, float]:
     InputError
         Unknown element or energy outside ``ENERGY_RANGE_KEV``.
     """
-    if element not in _HENKE_F1F2:
-        raise InputError(
-            f"no scattering factors for element {element!r}; have {sorted(_HENKE_F1F2)}"
-        )
     e = _check_energy(energy_kev)
+    if element not in _HENKE_F1F2:
+        return _chantler_factors(element, e)
     segment = sum(e >= edge for edge in ABSORPTION_EDGES_KEV[element])
     rows = np.asarray(_HENKE_F1F2[element][segment], dtype=float)
     log_e = np.log(rows[:, 0])
     f1 = math.exp(np.interp(math.log(e), log_e, np.log(rows[:, 1])))
     f2 = math.exp(np.interp(math.log(e), log_e, np.log(rows[:, 2])))
     return f1, f2
+
+
+#: Elements whose factors come from xraydb's copy of the Chantler (FFAST) tables.
+CHANTLER_ELEMENTS = ("H", "C", "N", "Al", "Co")
+
+
+def _chantler_factors(element: str, energy_kev: float) -> tuple[float, float]:
+    """(f1, f2) from C. T. Chantler, J. Phys. Chem. Ref. Data 29, 597 (2000) via ``xraydb``.
+
+    ``xraydb.f1_chantler`` is the anomalous part f′ only, so the forward factor is f1 = Z + f′,
+    on the same footing as Henke's f1; across 6–12 keV the two tables agree to a few per cent
+    for O, Si, Cu and W (tests/test_design_space.py).
+    """
+    if element not in CHANTLER_ELEMENTS:
+        raise InputError(
+            f"no scattering factors for element {element!r}; have "
+            f"{sorted([*_HENKE_F1F2, *CHANTLER_ELEMENTS])}"
+        )
+    import xraydb
+
+    e_ev = energy_kev * 1e3
+    z = xraydb.atomic_number(element)
+    return z + float(xraydb.f1_chantler(element, e_ev)), float(xraydb.f2_chantler(element, e_ev))
 
 
 def _material(material: str | int) -> Material:

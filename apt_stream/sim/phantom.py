@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from apt_stream.config import PhantomOptions
 from apt_stream.errors import InputError
-from apt_stream.sim.materials import CU, MATERIALS, SI, SIO2, W
+from apt_stream.sim.materials import CU, MATERIALS, SI, SIO2, W, is_metal
 
 __all__ = ["Layer", "Phantom", "describe", "make_ic_phantom", "phantom_batch"]
 
@@ -78,8 +78,8 @@ class Phantom:
 
     @property
     def metal(self) -> np.ndarray:
-        """Boolean volume of metal voxels (``labels >= 3``: Cu or W)."""
-        return self.labels >= CU
+        """Boolean volume of metal voxels (``METAL_LABELS``: Cu, W, Al, Co)."""
+        return is_metal(self.labels)
 
     @property
     def shape_zyx(self) -> tuple[int, int, int]:

@@ -29,6 +29,17 @@ from apt_stream.stream.trigger import TriggerPolicy, TriggerState
 log = logging.getLogger(__name__)
 
 
+def accepts_projections(fn: Callable) -> bool:
+    """Whether ``fn`` takes a ``projections`` keyword (the engine's (angles, projections))."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "projections" in params
+
+
 class StreamingEngine(Protocol):
     """What ``engine_factory(header)`` returns (``apt_stream.physics.engine.StreamingApproximant``)."""
 
@@ -274,7 +285,12 @@ class LiveReconstructor:
             self._fail(run, f"{type(exc).__name__}: {exc}")
 
     def _reconstruct(self, run: _LiveRun, n_finished: int, *, final: bool) -> None:
-        volumes = self.reconstruct_fn(run.engine.volume(), run.header)
+        extra = {}
+        # Data consistency needs the finished angles' projections; only functions that ask for
+        # them (a `projections` keyword) get them, so simple reconstruct_fn(volume, header) work.
+        if accepts_projections(self.reconstruct_fn) and hasattr(run.engine, "projections"):
+            extra["projections"] = run.engine.projections()
+        volumes = self.reconstruct_fn(run.engine.volume(), run.header, **extra)
         if not isinstance(volumes, dict):
             raise ConfigError(f"reconstruct_fn must return a dict of volumes, got {type(volumes)}")
         run.volumes, run.n_at_volumes = volumes, n_finished

@@ -1,0 +1,114 @@
+"""The shipped model's recipe: angle banks over the wide design space, then random-angle training.
+
+``apt-stream train`` calls :func:`build_training_banks` (resumable: finished phantoms are kept and
+skipped) and :func:`train_general_model` (resumable from ``OUT/last.safetensors``). Banks are built
+by ``jobs`` worker processes, each appending to its own file (HDF5 files take one writer), and the
+training reads them all.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from apt_stream.angle_bank import bank_seeds, build_banks, load_banks
+
+
+def bank_files(folder: str | Path) -> list[Path]:
+    """The bank files of a training folder (one per worker process that wrote there)."""
+    return sorted(Path(folder).glob("banks-*.h5"))
+
+
+def _present(folder: Path) -> set[int]:
+    import h5py
+
+    seeds: set[int] = set()
+    for path in bank_files(folder):
+        try:
+            with h5py.File(path, "r") as fh:
+                seeds |= {int(k) for k in fh.get("banks", {}) if k.isdigit()}
+        except OSError:  # a file a killed worker left half-written: its phantoms are redone
+            continue
+    return seeds
+
+
+def _worker(args: tuple[str, str, int, int]) -> int:
+    folder, split, seed, threads = args
+    import torch
+
+    torch.set_num_threads(threads)
+    # One file per worker process: HDF5 files take a single writer.
+    build_banks(Path(folder) / f"banks-{os.getpid()}.h5", [(split, seed)])
+    return seed
+
+
+def build_training_banks(
+    folder: str | Path,
+    *,
+    n_train: int,
+    n_val: int,
+    jobs: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Simulate ``n_train`` + ``n_val`` phantoms into bank files under ``folder`` (resumable).
+
+    Phantoms already in any bank file of the folder are skipped, so an interrupted build resumes.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds = bank_seeds("train", n_train) + bank_seeds("val", n_val)
+    present = _present(folder)
+    todo = [(split, s) for split, s in seeds if s not in present]
+    done = len(seeds) - len(todo)
+    if progress is not None:
+        progress(done, len(seeds))
+    jobs = max(1, int(jobs))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    tasks = [(str(folder), split, s, threads) for split, s in todo]
+    if jobs == 1:
+        results = map(_worker, tasks)
+        for _ in results:
+            done += 1
+            if progress is not None:
+                progress(done, len(seeds))
+    else:
+        with mp.get_context("spawn").Pool(jobs, maxtasksperchild=None) as pool:
+            for _ in pool.imap_unordered(_worker, tasks):
+                done += 1
+                if progress is not None:
+                    progress(done, len(seeds))
+    return bank_files(folder)
+
+
+def train_general_model(
+    bank_paths: list[Path],
+    *,
+    out_dir: str | Path,
+    preset: str = "cpu",
+    epochs: int = 40,
+    samples_per_epoch: int = 512,
+    val_samples: int = 96,
+    resume: bool = False,
+    seed: int = 0,
+    progress: Any = True,
+):
+    """Train the network on random angle sets from the banks (NPCC, Adam, poly LR, batch 4)."""
+    from apt_stream.model.presets import create_model
+    from apt_stream.model.train import train
+    from apt_stream.random_angles import RandomAngleDataset
+
+    model = create_model(preset)
+    patch = int(model.config.input_zyx[1])
+    train_ds = RandomAngleDataset(load_banks(bank_paths, split="train"), patch_xy=patch,
+                                  samples_per_epoch=samples_per_epoch)
+    val_ds = RandomAngleDataset(load_banks(bank_paths, split="val"), patch_xy=patch,
+                                samples_per_epoch=val_samples, fixed_seed=12_345)
+    return model, train(
+        model, train_ds, val_ds, epochs=epochs, out_dir=out_dir, resume=resume or None, seed=seed,
+        progress=progress, lr_decay_epochs=max(epochs, 1) * 5 // 4,
+        provenance={"recipe": "apt_stream.training_run", "design_space": "apt_stream.sim.design",
+                    "acquisition": "apt_stream.sim.acquisition", "bank_files": [str(p) for p in bank_paths]},
+    )
