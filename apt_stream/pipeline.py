@@ -34,9 +34,14 @@ def approximant_of_scan(
     n_angles: int | None = None,
     range_deg: float | None = None,
     batch_size: int | None = None,
+    projection_iterations: int | None = None,
     progress_factory: Callable | None = None,
 ):
-    """Approximant of a ScanData; returns (engine, chosen angle indices, seconds)."""
+    """Approximant of a ScanData; returns (engine, chosen angle indices, seconds).
+
+    ``projection_iterations`` keeps iterating each angle after its Approximant contribution, for
+    the projections data consistency and the classical baselines use (``engine.projections()``).
+    """
     from apt_stream.physics.engine import approximant_from_scan
 
     if n_angles is None and range_deg is None:
@@ -48,7 +53,8 @@ def approximant_of_scan(
     t0 = time.perf_counter()
     with progress_context(progress_factory, f"Approximant ({len(indices)} angles)") as update:
         engine = approximant_from_scan(
-            scan, angle_indices=indices, batch_size=batch_size, progress=update
+            scan, angle_indices=indices, batch_size=batch_size, progress=update,
+            projection_iterations=projection_iterations,
         )
     return engine, indices, time.perf_counter() - t0
 

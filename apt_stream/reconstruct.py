@@ -147,8 +147,11 @@ def reconstruct_scan(
     from apt_stream.pipeline import approximant_of_scan, progress_context
 
     model, meta = load_model(checkpoint, device=device)
+    from apt_stream.physics.consistency import DC_PROJECTION_ITERATIONS
+
     engine, indices, t_apx = approximant_of_scan(
-        scan, n_angles=n_angles, range_deg=range_deg, progress_factory=progress_factory
+        scan, n_angles=n_angles, range_deg=range_deg, progress_factory=progress_factory,
+        projection_iterations=DC_PROJECTION_ITERATIONS,
     )
     approximant = engine.volume()
     t0 = time.perf_counter()
@@ -159,8 +162,7 @@ def reconstruct_scan(
     volumes = {"approximant": approximant, **apt}
     if with_baselines:
         t0 = time.perf_counter()
-        with progress_context(progress_factory, "projections for baselines") as update:
-            angles, projections = tomography_projections(scan, indices, progress=update)
+        angles, projections = engine.projections()  # the same six-iteration projections as DC
         volumes.update(baseline_volumes(angles, projections, scan.volume_shape_zyx))
         timings["baselines_s"] = time.perf_counter() - t0
     metrics = score(volumes, scan.truth) if scan.truth is not None else None

@@ -88,7 +88,7 @@ def train_general_model(
     *,
     out_dir: str | Path,
     preset: str = "cpu",
-    epochs: int = 40,
+    epochs: int = 60,
     samples_per_epoch: int = 512,
     val_samples: int = 96,
     resume: bool = False,

@@ -15,10 +15,12 @@ from typing import Any
 
 def engine_factory(*, device: str = "cpu") -> Callable[[Any], Any]:
     """``factory(header)`` -> the physics engine's streaming Approximant for that run."""
+    from apt_stream.physics.consistency import DC_PROJECTION_ITERATIONS
     from apt_stream.physics.engine import ScanGeometry, StreamingApproximant
 
     def make(header: Any) -> Any:
-        return StreamingApproximant(ScanGeometry.from_scan(header), device=device)
+        return StreamingApproximant(ScanGeometry.from_scan(header), device=device,
+                                    projection_iterations=DC_PROJECTION_ITERATIONS)
 
     return make
 
