@@ -138,14 +138,25 @@ def load_banks(paths: str | Path | Sequence[str | Path], *, split: str | None = 
     return banks
 
 
-def simulate_bank(seed: int, *, split: str = "train", shape_zyx=(32, 64, 64)) -> tuple[AngleBank, dict]:
+#: Angle counts of a training bank: many, so that subsets of 5-61 angles can be drawn from it.
+BANK_ANGLES = (25, 61)
+
+
+def simulate_bank(
+    seed: int, *, split: str = "train", shape_zyx=(32, 64, 64), ranges=None
+) -> tuple[AngleBank, dict]:
     """A random design scanned with a random acquisition (many angles), as a bank + timings."""
     from apt_stream.sim.acquire import simulate_scan
-    from apt_stream.sim.acquisition import AcquisitionRanges, describe_acquisition, sample_acquisition
+    from apt_stream.sim.acquisition import (
+        AcquisitionRanges,
+        describe_acquisition,
+        sample_acquisition,
+    )
     from apt_stream.sim.design import describe_design, render_design, sample_design
 
     t0 = time.perf_counter()
-    preset = sample_acquisition(seed, shape_zyx=shape_zyx, ranges=AcquisitionRanges(n_angles=(25, 61)))
+    ranges = ranges or AcquisitionRanges(n_angles=BANK_ANGLES)
+    preset = sample_acquisition(seed, shape_zyx=shape_zyx, ranges=ranges)
     design = sample_design(seed, tuple(shape_zyx))
     phantom = render_design(design, voxel_size_m=preset.phantom.voxel_size_m)
     scan = simulate_scan(preset, seed=seed, phantom=phantom)
@@ -161,6 +172,8 @@ def build_banks(
     path: str | Path,
     seeds: Iterable[tuple[str, int]],
     *,
+    shape_zyx=(32, 64, 64),
+    ranges=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Simulate and append banks for ``(split, seed)`` pairs; finished seeds are skipped (resume)."""
@@ -176,7 +189,7 @@ def build_banks(
                 del root[stale]
             present = str(seed) in root
         if not present:
-            bank, info = simulate_bank(seed, split=split)
+            bank, info = simulate_bank(seed, split=split, shape_zyx=shape_zyx, ranges=ranges)
             with h5py.File(path, "a") as fh:
                 root = fh["banks"]
                 g = root.create_group(f"{seed}.tmp")

@@ -267,7 +267,9 @@ def train(
     ),
     out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint folder.")] = Path("runs/apt-general"),
     epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 60,
-    samples_per_epoch: Annotated[int, typer.Option(help="Random-angle samples per epoch.")] = 512,
+    samples_per_epoch: Annotated[
+        int, typer.Option(help="Random-angle samples per epoch (fine-tuning: at most 128).")
+    ] = 512,
     train_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for training.")] = 64,
     val_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for validation.")] = 6,
     jobs: Annotated[int, typer.Option(help="Processes simulating banks.")] = 2,
@@ -290,7 +292,7 @@ def train(
     """
     with _errors():
         if finetune is not None or gold is not None:
-            _finetune(finetune, gold, scan or [], out_dir, epochs, seed)
+            _finetune(finetune, gold, scan or [], out_dir, epochs, seed, min(samples_per_epoch, 128))
             return
         from apt_stream.training_run import build_training_banks, train_general_model
 
@@ -310,14 +312,75 @@ def train(
         })
 
 
-def _finetune(checkpoint, gold, scans, out_dir, epochs, seed) -> None:
+def _finetune(checkpoint, gold, scans, out_dir, epochs, seed, samples) -> None:
     from apt_stream.errors import ConfigError
     from apt_stream.finetune import finetune_on_gold
 
     if checkpoint is None or gold is None:
         raise ConfigError("fine-tuning needs both --finetune CHECKPOINT and --gold GOLD.h5")
-    result = finetune_on_gold(checkpoint, gold, scans, out_dir=out_dir, epochs=min(epochs, 40), seed=seed)
+    result = finetune_on_gold(checkpoint, gold, scans, out_dir=out_dir, epochs=min(epochs, 40), seed=seed,
+                              samples_per_epoch=samples)
     _print_json(result)
+
+
+@app.command()
+def replay(
+    scan_path: Annotated[Path, typer.Argument(help="Scan file to publish.")],
+    zmq: Annotated[str, typer.Option("--zmq", help="0MQ proxy input, e.g. tcp://127.0.0.1:5577.")],
+    rate: Annotated[float | None, typer.Option("--rate", help="Frames per second (default: as fast as possible).")] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="Where the simulated detector writes (default: SCAN's folder/runs).")
+    ] = None,
+    serializer: Annotated[str, typer.Option(help="msgpack | json")] = "msgpack",
+) -> None:
+    """Publish a scan file as a live Bluesky document stream (RunEngine + zmq Publisher)."""
+    with _errors():
+        from apt_stream.plugins.bluesky.replay import replay_scan
+
+        uid = replay_scan(
+            scan_path, zmq_address=zmq, rate_hz=rate, data_root=data_root, serializer=serializer
+        )
+        out.print(f"published run {uid}")
+
+
+@app.command()
+def listen(
+    zmq: Annotated[str, typer.Option("--zmq", help="The 0MQ proxy's output, e.g. tcp://beamline:5578.")],
+    data_root: Annotated[list[Path], typer.Option(help="Folder frames may be read from (repeat).")],
+    tiled_uri: Annotated[
+        str | None, typer.Option(help="Tiled API address (default: $APT_STREAM_TILED_URI).")
+    ] = None,
+    spool: Annotated[Path | None, typer.Option(help="Per-run document spool folder.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Network checkpoint (default: shipped).")] = None,
+    n_star: Annotated[int, typer.Option(help="N*: finished angles that trigger APT.")] = 29,
+    theta_star: Annotated[float, typer.Option(help="θ*: half-range (deg) they must cover.")] = 17.0,
+    preview_every: Annotated[
+        int | None, typer.Option(help="Interim APT previews every K finished angles.")
+    ] = None,
+    max_runs: Annotated[int | None, typer.Option(help="Stop after this many scans.")] = None,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+) -> None:
+    """Serve a beamline: follow its proxy, reconstruct every scan live, publish to Tiled.
+
+    The Tiled API key comes from $APT_STREAM_TILED_API_KEY (never a flag, never logged). Runs as
+    the Prefect `listen` flow: on PREFECT_API_URL's server if set, else Prefect's ephemeral one.
+    """
+    with _errors():
+        from apt_stream.flows.settings import apply_offline_env
+
+        apply_offline_env()
+        from apt_stream.flows.listen import ListenConfig
+        from apt_stream.flows.listen import listen as listen_flow
+
+        config = ListenConfig(
+            proxy_address=zmq, data_roots=[str(p) for p in data_root],
+            spool_dir=str(spool) if spool else None, tiled_uri=tiled_uri,
+            checkpoint=str(checkpoint) if checkpoint else None, n_star=n_star,
+            theta_star_deg=theta_star, preview_every=preview_every, max_runs=max_runs,
+            device=device,
+        )
+        console.print(f"listening on {zmq} (N* = {n_star}, θ* = ±{theta_star}°); Ctrl-C stops")
+        _print_json(listen_flow(config))
 
 
 @app.command()
@@ -329,6 +392,7 @@ def evaluate(
         list[str] | None, typer.Option(help="out-of-family | in-family (repeat; default both).")
     ] = None,
     sweeps: Annotated[bool, typer.Option(help="Also sweep N and θ (paper Figs. 3 and 5).")] = True,
+    jobs: Annotated[int, typer.Option(help="Families evaluated in parallel processes.")] = 2,
     exclude_z: Annotated[
         list[int] | None,
         typer.Option(help="z layer to leave out of the metrics (ambiguous layers; repeat)."),
@@ -339,6 +403,7 @@ def evaluate(
         from apt_stream.errors import ConfigError
         from apt_stream.evaluation import FAMILIES, run_evaluation, write_results_md
 
+
         families = family or list(FAMILIES)
         unknown = [f for f in families if f not in FAMILIES]
         if unknown:
@@ -346,7 +411,7 @@ def evaluate(
         figures_dir = out_dir / "figures"
         summary = run_evaluation(
             figures_dir, checkpoint=checkpoint, n_phantoms=phantoms, families=families,
-            sweeps=sweeps, exclude_z=exclude_z,
+            sweeps=sweeps, exclude_z=exclude_z, jobs=jobs,
             progress=lambda msg: console.print(f"[dim]{msg}[/]"),
         )
         md = write_results_md(summary, out_dir / "results.md", command=" ".join(["apt-stream", *sys.argv[1:]]))

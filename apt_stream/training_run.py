@@ -35,13 +35,13 @@ def _present(folder: Path) -> set[int]:
     return seeds
 
 
-def _worker(args: tuple[str, str, int, int]) -> int:
-    folder, split, seed, threads = args
+def _worker(args: tuple) -> int:
+    folder, split, seed, threads, shape, ranges = args
     import torch
 
     torch.set_num_threads(threads)
     # One file per worker process: HDF5 files take a single writer.
-    build_banks(Path(folder) / f"banks-{os.getpid()}.h5", [(split, seed)])
+    build_banks(Path(folder) / f"banks-{os.getpid()}.h5", [(split, seed)], shape_zyx=shape, ranges=ranges)
     return seed
 
 
@@ -51,9 +51,14 @@ def build_training_banks(
     n_train: int,
     n_val: int,
     jobs: int = 1,
+    shape_zyx: tuple[int, int, int] = (32, 64, 64),
+    ranges=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Simulate ``n_train`` + ``n_val`` phantoms into bank files under ``folder`` (resumable).
+
+    ``ranges`` (:class:`apt_stream.sim.acquisition.AcquisitionRanges`) narrows the random
+    acquisitions (tests use small ones); by default banks hold 25-61 angles.
 
     Phantoms already in any bank file of the folder are skipped, so an interrupted build resumes.
     """
@@ -67,7 +72,7 @@ def build_training_banks(
         progress(done, len(seeds))
     jobs = max(1, int(jobs))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    tasks = [(str(folder), split, s, threads) for split, s in todo]
+    tasks = [(str(folder), split, s, threads, tuple(shape_zyx), ranges) for split, s in todo]
     if jobs == 1:
         results = map(_worker, tasks)
         for _ in results:

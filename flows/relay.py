@@ -271,9 +271,10 @@ class LiveBridge:
         return RelayedEngine(channel.engine, channel, self.tasks.finish_angle)
 
     def reconstruct_fn(self, volume: Any, header: Any, projections: Any = None) -> Any:
-        return self._channel(header.run_uid).submit(
-            "reconstruct", self.tasks.reconstruct, (self._reconstruct_fn, volume, header, projections)
-        )
+        args = (self._reconstruct_fn, volume, header)
+        if projections is not None:  # only data-consistent reconstructions need them
+            args = (*args, projections)
+        return self._channel(header.run_uid).submit("reconstruct", self.tasks.reconstruct, args)
 
     # -- the sink protocol -----------------------------------------------------------------------
     def run_started(self, header: Any) -> None:

@@ -24,8 +24,8 @@ from apt_stream.errors import InputError
 from apt_stream.physics import tomo
 
 #: Defaults chosen by measurement (docs/results.md, "data consistency").
-DC_ITERATIONS = 2
-DC_RELAXATION = 0.15
+DC_ITERATIONS = 1
+DC_RELAXATION = 0.3
 #: Ptychographic iterations behind the projections data consistency uses. The Approximant's own
 #: two iterations give projections too poor to enforce (measured: PCC 0.34 -> 0.27 after two
 #: sweeps on an out-of-family chip, against 0.34 -> 0.37 with six-iteration projections), so the
@@ -59,6 +59,8 @@ def enforce_projections(
     *,
     n_iter: int = DC_ITERATIONS,
     relaxation: float = DC_RELAXATION,
+    method: str = "sart",
+    report_residual: bool = True,
 ) -> tuple[np.ndarray, ConsistencyReport]:
     """SART sweeps from ``volume`` on ``projections`` (N, ny, W) at ``angles_deg``.
 
@@ -71,7 +73,13 @@ def enforce_projections(
     projections : (N, ny, W)
         Per-angle projections from the engine (δ line integrals in voxel units).
     n_iter, relaxation
-        SART sweeps and relaxation λ; ``n_iter = 0`` returns the volume unchanged.
+        Sweeps (SART) or iterations (SIRT) and relaxation λ; ``n_iter = 0`` returns the volume
+        unchanged.
+    method : {"sart", "sirt"}
+        SART updates angle by angle (stronger per sweep, one projector pair per angle); SIRT
+        updates all angles at once (one projector pair per iteration: several times cheaper).
+    report_residual : bool
+        Project the result once more to report the residual after (costs one projection).
 
     Returns
     -------
@@ -87,7 +95,9 @@ def enforce_projections(
         raise InputError(f"{p.shape[0]} projections for {ang.size} angles")
     width = p.shape[2]
     model_proj = tomo.project(vol, ang, det_width_px=width)
-    footprint = tomo.project(np.ones_like(vol), ang, det_width_px=width) > 0.5
+    # The footprint does not depend on y: project one slice of ones and broadcast.
+    ones = np.ones((vol.shape[0], 1, vol.shape[2]), np.float32)
+    footprint = np.broadcast_to(tomo.project(ones, ang, det_width_px=width) > 0.5, p.shape)
     if not footprint.any():
         raise InputError("the volume's footprint misses every detector column")
     a = model_proj[footprint].astype(np.float64)
@@ -103,7 +113,46 @@ def enforce_projections(
         return vol, ConsistencyReport(gain, offset, before, before, 0)
     # The offset is a constant per ray; spread it as a per-voxel constant (rays cross the volume).
     target = (p - offset) / gain
-    out = tomo.sart(target, ang, vol.shape, n_iter=n_iter, relaxation=relaxation, initial=vol)
+    if method not in ("sart", "sirt"):
+        raise InputError(f"method must be 'sart' or 'sirt', got {method!r}")
+    solver = tomo.sart if method == "sart" else tomo.sirt
+    out = solver(target, ang, vol.shape, n_iter=n_iter, relaxation=relaxation, initial=vol)
     out = np.asarray(out, dtype=np.float32)
-    after = _relative_residual(gain * tomo.project(out, ang, det_width_px=width) + offset, p, footprint)
+    after = (_relative_residual(gain * tomo.project(out, ang, det_width_px=width) + offset, p, footprint)
+             if report_residual else float("nan"))
     return out, ConsistencyReport(gain, offset, before, after, int(n_iter))
+
+
+def measured_wedge(shape_zyx, angles_deg: np.ndarray) -> np.ndarray:
+    """Boolean (nz, 1, nx) mask of the k_z–k_x directions the angles measured (Fourier slices).
+
+    A projection at θ measures the Fourier plane perpendicular to its beam, i.e. the k vectors
+    at angle θ from the k_x axis (θ = 0: the k_z = 0 line). Angles within ±θ_max therefore
+    measure every direction within ±θ_max of k_x; the rest is the missing wedge.
+    """
+    nz, _, nx = shape_zyx
+    kz = np.fft.fftfreq(nz)[:, None]
+    kx = np.fft.fftfreq(nx)[None, :]
+    phi = np.degrees(np.arctan2(kz, kx))
+    phi = (phi + 90.0) % 180.0 - 90.0  # a direction, not an orientation
+    top = float(np.max(np.abs(angles_deg)))
+    mask = np.abs(phi) <= top + 1e-9
+    mask[0, 0] = True
+    return mask[:, None, :]
+
+
+def wedge_blend(network: np.ndarray, data_volume: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:
+    """Range/null-space split: the data's reconstruction inside the measured wedge, the network's
+    outside it (after matching the network to the data inside the wedge by gain and offset)."""
+    net = np.asarray(network, dtype=np.float64)
+    dat = np.asarray(data_volume, dtype=np.float64)
+    mask = np.broadcast_to(measured_wedge(net.shape, angles_deg), net.shape)
+    fn, fd = np.fft.fftn(net), np.fft.fftn(dat)
+    ac = mask.copy()
+    ac[0, 0, 0] = False  # fit the gain on structure, not on the mean
+    num = float(np.real(np.vdot(fn[ac], fd[ac])))
+    den = float(np.real(np.vdot(fn[ac], fn[ac])))
+    gain = num / den if den > 0 and num > 0 else 0.0
+    fn = fn * gain
+    fn[0, 0, 0] = fd[0, 0, 0]
+    return np.real(np.fft.ifftn(np.where(mask, fd, fn))).astype(np.float32)

@@ -409,6 +409,7 @@ def sirt(
     n_iter: int = 50,
     relaxation: float = 1.0,
     nonneg: bool = False,
+    initial: Any = None,
     device: str | torch.device | None = None,
 ) -> Any:
     """SIRT: ``x += λ C A^T R (p − A x)`` with R, C the inverse row and column sums of A.
@@ -429,6 +430,8 @@ def sirt(
         λ in (0, 2).
     nonneg : bool
         Clip negative voxels to 0 after each update.
+    initial : array_like, optional
+        ``(nz, ny, nx)`` start volume (default zeros), e.g. a network's output.
 
     Returns
     -------
@@ -441,7 +444,7 @@ def sirt(
     # Row and column sums do not depend on y: compute them on one y slice and broadcast.
     inv_row = _safe_inverse(op.forward(torch.ones(1, 1, op.nz, op.nx, **kw)))
     inv_col = _safe_inverse(op.adjoint(torch.ones(p.shape[0], 1, op.width, **kw)))
-    x = torch.zeros(1, op.ny, op.nz, op.nx, **kw)
+    x = _start(initial, op, kw)
     for _ in range(int(n_iter)):
         x = x + relaxation * inv_col * op.adjoint(inv_row * (p - op.forward(x)))
         if nonneg:
