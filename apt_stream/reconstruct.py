@@ -44,6 +44,14 @@ def apt_volume(
     return predict_volume(model, approximant, device=device, dtype=dtype, progress=progress)
 
 
+def dc_sweeps(model) -> int:
+    """Data-consistency sweeps the model asks for (``io_config["data_consistency"]``; 0 = off)."""
+    from apt_stream.physics.consistency import DC_ITERATIONS
+
+    dc = dict(getattr(model, "io_config", {}).get("data_consistency") or {})
+    return int(dc.get("iterations", DC_ITERATIONS))
+
+
 def apt_volumes(
     model, approximant: np.ndarray, *, projections: tuple[np.ndarray, np.ndarray] | None = None,
     device: str = "cpu", dtype: str = "float32", progress: Callable | None = None,
@@ -55,14 +63,14 @@ def apt_volumes(
     sweeps (:func:`apt_stream.physics.consistency.enforce_projections`, with the sweeps the model's
     ``io_config["data_consistency"]`` names, else the module defaults).
     """
-    from apt_stream.physics.consistency import DC_ITERATIONS, DC_RELAXATION, enforce_projections
+    from apt_stream.physics.consistency import DC_RELAXATION, enforce_projections
 
     raw = apt_volume(model, approximant, device=device, dtype=dtype, progress=progress)
-    dc = dict(getattr(model, "io_config", {}).get("data_consistency") or {})
-    n_iter = int(dc.get("iterations", DC_ITERATIONS))
+    n_iter = dc_sweeps(model)
     # The shipped model records 0 sweeps: measured, the sweeps lowered PCC (docs/results.md).
     if projections is None or len(projections[0]) == 0 or n_iter == 0:
         return {"apt": raw}
+    dc = dict(model.io_config.get("data_consistency") or {})
     consistent, _ = enforce_projections(
         raw, projections[0], projections[1], n_iter=n_iter,
         relaxation=float(dc.get("relaxation", DC_RELAXATION)), report_residual=False,
@@ -151,9 +159,11 @@ def reconstruct_scan(
     model, meta = load_model(checkpoint, device=device)
     from apt_stream.physics.consistency import DC_PROJECTION_ITERATIONS
 
+    # Better-converged projections only when something uses them (data consistency, baselines).
+    wants = with_baselines or dc_sweeps(model) > 0
     engine, indices, t_apx = approximant_of_scan(
         scan, n_angles=n_angles, range_deg=range_deg, progress_factory=progress_factory,
-        projection_iterations=DC_PROJECTION_ITERATIONS,
+        projection_iterations=DC_PROJECTION_ITERATIONS if wants else None,
     )
     approximant = engine.volume()
     t0 = time.perf_counter()

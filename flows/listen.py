@@ -154,7 +154,8 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
 
     bridge = LiveBridge(
         publisher,
-        engine_factory=res.engine_factory or default_engine_factory(device=config.device),
+        engine_factory=res.engine_factory or default_engine_factory(
+            device=config.device, data_consistency=model_info.get("data_consistency_sweeps", 0) > 0),
         reconstruct_fn=reconstruct_fn,
         tasks=tasks.LIVE_TASKS,
         attach_timeout_s=config.attach_timeout_s,

@@ -13,14 +13,20 @@ from pathlib import Path
 from typing import Any
 
 
-def engine_factory(*, device: str = "cpu") -> Callable[[Any], Any]:
-    """``factory(header)`` -> the physics engine's streaming Approximant for that run."""
+def engine_factory(*, device: str = "cpu", data_consistency: bool = False) -> Callable[[Any], Any]:
+    """``factory(header)`` -> the physics engine's streaming Approximant for that run.
+
+    With ``data_consistency`` each finished angle keeps iterating to the projections the
+    consistency sweeps need (``DC_PROJECTION_ITERATIONS``); without it that work is skipped.
+    """
     from apt_stream.physics.consistency import DC_PROJECTION_ITERATIONS
     from apt_stream.physics.engine import ScanGeometry, StreamingApproximant
 
+    iterations = DC_PROJECTION_ITERATIONS if data_consistency else None
+
     def make(header: Any) -> Any:
         return StreamingApproximant(ScanGeometry.from_scan(header), device=device,
-                                    projection_iterations=DC_PROJECTION_ITERATIONS)
+                                    projection_iterations=iterations)
 
     return make
 
@@ -37,7 +43,7 @@ def model_reconstructor(
         The checkpoint is missing, cannot be loaded safely or does not match its network.
     """
     from apt_stream.model import load_checkpoint, sha256_file
-    from apt_stream.reconstruct import DEFAULT_CHECKPOINT, apt_volumes
+    from apt_stream.reconstruct import DEFAULT_CHECKPOINT, apt_volumes, dc_sweeps
 
     if checkpoint is None:
         checkpoint = DEFAULT_CHECKPOINT
@@ -56,5 +62,6 @@ def model_reconstructor(
     info = {
         "model_name": meta.get("preset") or path.stem,
         "model_checksum": meta.get("sha256") or sha256_file(weights),
+        "data_consistency_sweeps": dc_sweeps(model),
     }
     return reconstruct, info

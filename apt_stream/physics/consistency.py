@@ -121,38 +121,3 @@ def enforce_projections(
     after = (_relative_residual(gain * tomo.project(out, ang, det_width_px=width) + offset, p, footprint)
              if report_residual else float("nan"))
     return out, ConsistencyReport(gain, offset, before, after, int(n_iter))
-
-
-def measured_wedge(shape_zyx, angles_deg: np.ndarray) -> np.ndarray:
-    """Boolean (nz, 1, nx) mask of the k_z–k_x directions the angles measured (Fourier slices).
-
-    A projection at θ measures the Fourier plane perpendicular to its beam, i.e. the k vectors
-    at angle θ from the k_x axis (θ = 0: the k_z = 0 line). Angles within ±θ_max therefore
-    measure every direction within ±θ_max of k_x; the rest is the missing wedge.
-    """
-    nz, _, nx = shape_zyx
-    kz = np.fft.fftfreq(nz)[:, None]
-    kx = np.fft.fftfreq(nx)[None, :]
-    phi = np.degrees(np.arctan2(kz, kx))
-    phi = (phi + 90.0) % 180.0 - 90.0  # a direction, not an orientation
-    top = float(np.max(np.abs(angles_deg)))
-    mask = np.abs(phi) <= top + 1e-9
-    mask[0, 0] = True
-    return mask[:, None, :]
-
-
-def wedge_blend(network: np.ndarray, data_volume: np.ndarray, angles_deg: np.ndarray) -> np.ndarray:
-    """Range/null-space split: the data's reconstruction inside the measured wedge, the network's
-    outside it (after matching the network to the data inside the wedge by gain and offset)."""
-    net = np.asarray(network, dtype=np.float64)
-    dat = np.asarray(data_volume, dtype=np.float64)
-    mask = np.broadcast_to(measured_wedge(net.shape, angles_deg), net.shape)
-    fn, fd = np.fft.fftn(net), np.fft.fftn(dat)
-    ac = mask.copy()
-    ac[0, 0, 0] = False  # fit the gain on structure, not on the mean
-    num = float(np.real(np.vdot(fn[ac], fd[ac])))
-    den = float(np.real(np.vdot(fn[ac], fn[ac])))
-    gain = num / den if den > 0 and num > 0 else 0.0
-    fn = fn * gain
-    fn[0, 0, 0] = fd[0, 0, 0]
-    return np.real(np.fft.ifftn(np.where(mask, fd, fn))).astype(np.float32)
