@@ -45,6 +45,7 @@ def assemble(docs, roots, **kwargs):
     assembler = RunAssembler(out.append, data_roots=roots, **kwargs)
     for name, doc in docs:
         assembler(name, doc)
+    assert assembler.drain(timeout_s=30)
     return out, assembler
 
 
@@ -173,6 +174,8 @@ def test_datum_before_data_is_retried_then_dropped(RE, tmp_path):
     # Angle 1's frames are never written: its completion waits, then drops them with a report.
     for name, doc in docs[first_angle_done:]:
         assembler(name, doc)
+    assert assembler.open_runs  # the stop waits for angle 1's frames, without blocking
+    assert assembler.drain(timeout_s=10)
     writer.close()
     frames, _, complete = frames_by_angle(out)
     assert complete == [0, 1] and len(frames[1]) == 0
