@@ -64,6 +64,8 @@ class ScanBook:
     reconstructions: int = 0
     previews: list[str] = field(default_factory=list)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: frames_missing / angles_with_gaps of a done_with_gaps run
+    gaps: dict[str, Any] = field(default_factory=dict)
 
     def record(self, kind: str, *, call_s: float, body_s: float, publish_s: float = 0.0,
                error: BaseException | None = None) -> None:
@@ -107,6 +109,8 @@ class ScanBook:
             "prefect_overhead_s": round(self.overhead_s, 3),
             "prefect_overhead_pct": round(100 * self.overhead_s / compute, 2) if compute else None,
             "errors": list(self.errors),
+            "frames_missing": int(self.gaps.get("frames_missing", 0)),
+            "angles_with_gaps": list(self.gaps.get("angles_with_gaps", [])),
             "metrics": self.metrics,
             "previews": list(self.previews),
         }
@@ -128,7 +132,9 @@ class ScanBook:
             "|---|---|",
             f"| angles finished | {s['angles']} (trigger: N* = {self.n_star} within "
             f"±{self.theta_star_deg:g}°) |",
-            f"| frames | {s['frames']} |",
+            f"| frames | {s['frames']}"
+            + (f" ({s['frames_missing']} missing, angles {s['angles_with_gaps']})"
+               if s["frames_missing"] or s["angles_with_gaps"] else "") + " |",
             f"| angle compute (second pass, in finish-angle tasks) | "
             f"{self.body_s['finish_angle']:.2f} s |",
             f"| reconstructions | {self.reconstructions} ({self.body_s['reconstruct']:.2f} s) |",

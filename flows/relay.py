@@ -303,11 +303,14 @@ class LiveBridge:
             info={"volumes": volumes, "final": final},
         )
 
-    def run_stopped(self, run_uid: str, status: str) -> None:
+    def run_stopped(self, run_uid: str, status: str, metadata: dict | None = None) -> None:
+        args = (self.publisher, run_uid, status)
+        if metadata:  # gaps of a done_with_gaps run; old task signatures keep working without
+            args = (*args, dict(metadata))
         try:
             self._channel(run_uid).submit(
-                LAST_KIND, self.tasks.publish_run_stopped, (self.publisher, run_uid, status),
-                info={"status": status},
+                LAST_KIND, self.tasks.publish_run_stopped, args,
+                info={"status": status, **(metadata or {})},
             )
         finally:
             with self._lock:

@@ -119,8 +119,12 @@ def publish_run_started(publisher: Any, header: Any) -> None:
 
 @task(name="publish-run-stopped", **_TILED)
 @_timed
-def publish_run_stopped(publisher: Any, run_uid: str, status: str) -> None:
-    publisher.run_stopped(run_uid, status)
+def publish_run_stopped(publisher: Any, run_uid: str, status: str,
+                        metadata: dict | None = None) -> None:
+    if metadata:
+        publisher.run_stopped(run_uid, status, metadata=metadata)
+    else:
+        publisher.run_stopped(run_uid, status)
 
 
 #: What :class:`~apt_stream.flows.relay.LiveBridge` hands to a run's flow.

@@ -119,8 +119,8 @@ MEANS = [float(SCAN.frames_of(n)[0].mean()) for n in range(5)]
 
 def live(sink, **kwargs):
     kwargs.setdefault("policy", TriggerPolicy(n_star=3, theta_star_deg=17.0))
-    return LiveReconstructor(sink, engine_factory=AveragingEngine, reconstruct_fn=reconstruct,
-                             **kwargs)
+    kwargs.setdefault("engine_factory", AveragingEngine)
+    return LiveReconstructor(sink, reconstruct_fn=reconstruct, **kwargs)
 
 
 def test_fires_once_at_n_star_then_final_at_stop():
@@ -175,16 +175,38 @@ def test_two_runs_back_to_back_and_interleaved():
     )
 
 
-def test_engine_failure_marks_the_run_failed_and_the_next_run_works():
+def test_a_batch_the_engine_refuses_costs_its_frames_not_the_run():
     sink = RecordingSink()
     bad = list(messages_for(SCAN, "bad", range(5)))
-    bad[1] = FrameBatch("bad", 0, -17.0, np.zeros((2, 3, 3), np.float32), np.zeros((2, 2)))
+    bad.insert(1, FrameBatch("bad", 0, -17.0, np.zeros((2, 3, 3), np.float32), np.zeros((2, 2))))
     with live(sink) as rec:
         for msg in bad + list(messages_for(SCAN, "good", range(5))):
             rec.submit(msg)
         assert rec.wait_idle(30)
+    stats = rec.run_stats["bad"]
+    assert stats["status"] == "done_with_gaps"
+    assert (stats["frames_missing"], stats["angles_with_gaps"]) == (2, [0])
+    assert stats["angles_finished"] == 5
+    assert rec.metrics()["frames_failed"] == 2
+    assert sink.of("bad")[-1] == ("run_stopped", "bad", "done_with_gaps")
+    assert rec.status("good") == "done"
+
+
+def test_an_engine_that_cannot_be_built_fails_the_run_and_the_next_run_works():
+    sink = RecordingSink()
+
+    def factory(header):
+        if header.run_uid == "bad":
+            raise RuntimeError("no GPU left")
+        return AveragingEngine(header)
+
+    with live(sink, engine_factory=factory) as rec:
+        for msg in list(messages_for(SCAN, "bad", range(5))) + list(messages_for(SCAN, "good",
+                                                                                  range(5))):
+            rec.submit(msg)
+        assert rec.wait_idle(30)
     assert sink.of("bad") == [("run_started", "bad"), ("run_stopped", "bad", "failed")]
-    assert "do not match" in rec.run_stats["bad"]["error"]
+    assert "no GPU left" in rec.run_stats["bad"]["error"]
     assert rec.status("good") == "done"
 
 

@@ -23,10 +23,22 @@ import numpy as np
 
 from apt_stream.errors import ConfigError, ServiceError
 from apt_stream.stream.messages import FrameBatch, Message, RunHeader, RunStopped
+from apt_stream.stream.problems import ProblemLog, cause_of
 from apt_stream.stream.sink import ReconstructionSink, RunStatus
 from apt_stream.stream.trigger import TriggerPolicy, TriggerState
 
 log = logging.getLogger(__name__)
+
+
+def accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (by name or through ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def accepts_projections(fn: Callable) -> bool:
@@ -69,6 +81,10 @@ class _LiveRun:
     volumes: dict[str, np.ndarray] | None = None
     n_at_volumes: int = 0
     failed: bool = False
+    #: frames the engine refused (per batch) and angles it could not finish
+    frames_failed: int = 0
+    angles_short: set[int] = field(default_factory=set)  # angles that lost refused batches
+    angles_failed: set[int] = field(default_factory=set)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,6 +105,14 @@ class LiveReconstructor:
         Backlog bound in frames (one oversized batch is still accepted when the queue is empty).
     start
         Start the worker thread now (else call :meth:`start`).
+    on_run_finished
+        ``on_run_finished(run_uid, status)`` after a run's last sink call (e.g. mark its spool
+        done so a restarted listener does not replay it).
+
+    A batch the engine refuses loses only its frames and an angle it cannot finish only that
+    angle: the run goes on, and ends ``done_with_gaps`` (with ``frames_missing`` and
+    ``angles_with_gaps`` in its stats) instead of ``done``. A run closed without a stop document
+    ends ``abandoned`` (reconstructed with what it had if the trigger had fired).
     """
 
     def __init__(
@@ -100,6 +124,7 @@ class LiveReconstructor:
         policy: TriggerPolicy | None = None,
         max_queued_frames: int = 8192,
         start: bool = True,
+        on_run_finished: Callable[[str, str], object] | None = None,
     ) -> None:
         if max_queued_frames < 1:
             raise ConfigError(f"max_queued_frames must be >= 1, got {max_queued_frames}")
@@ -108,6 +133,8 @@ class LiveReconstructor:
         self.reconstruct_fn = reconstruct_fn
         self.policy = policy or TriggerPolicy()
         self.max_queued_frames = int(max_queued_frames)
+        self.on_run_finished = on_run_finished
+        self._problems = ProblemLog(log)
         self._queue: deque = deque()
         self._cond = threading.Condition()
         self._queued_frames = 0
@@ -120,6 +147,7 @@ class LiveReconstructor:
             "max_backlog_frames": 0, "max_backlog_messages": 0, "frames_processed": 0,
             "batches_processed": 0, "angles_finished": 0, "reconstructions": 0,
             "listener_wait_s": 0.0, "worker_busy_s": 0.0, "sink_errors": 0, "worker_errors": 0,
+            "frames_failed": 0, "angles_failed": 0, "last_activity": time.time(),
         }
         self._thread = threading.Thread(target=self._work, name="apt-live-worker", daemon=True)
         if start:
@@ -201,6 +229,7 @@ class LiveReconstructor:
                     return
                 self._busy = True
             t0 = time.perf_counter()
+            self._metrics["last_activity"] = time.time()
             try:
                 self._handle(item)
             except Exception:
@@ -217,9 +246,11 @@ class LiveReconstructor:
     def _sink(self, method: str, *args, **kwargs) -> None:
         try:
             getattr(self.sink, method)(*args, **kwargs)
-        except Exception:
+        except Exception as exc:
             self._metrics["sink_errors"] += 1
-            log.exception("sink %s.%s failed", type(self.sink).__name__, method)
+            message = f"sink {type(self.sink).__name__}.{method} failed: {type(exc).__name__}: {exc}"
+            if self._problems.report("sink", cause_of(message), message):
+                log.debug("traceback of the first such failure", exc_info=True)
 
     def _handle(self, item: Message) -> None:
         if isinstance(item, RunHeader):
@@ -252,26 +283,47 @@ class LiveReconstructor:
     def _batch(self, batch: FrameBatch) -> None:
         run = self._runs.get(batch.run_uid)
         if run is None:
-            log.warning("frames for unknown run %s ignored", batch.run_uid)
+            self._problems.report("live", "frames for unknown run",
+                                  f"frames for unknown run {batch.run_uid} ignored")
             return
         if run.failed or run.engine is None:
             return
         engine = run.engine
-        try:
-            if batch.n_frames:
+        scope = f"run {batch.run_uid}"
+        if batch.n_frames:
+            try:
                 engine.add_frames(batch.angle_id, batch.angle_deg, batch.frames, batch.positions_px)
                 run.angles_with_frames.add(batch.angle_id)
                 self._metrics["frames_processed"] += batch.n_frames
-            self._metrics["batches_processed"] += 1
-            if not batch.angle_complete:
-                return
-            if batch.angle_id not in run.angles_with_frames:
-                log.warning("run %s angle %d completed without usable frames; skipped",
-                            batch.run_uid, batch.angle_id)
-                return
+            except Exception as exc:
+                # One bad batch costs its frames, not the run.
+                run.frames_failed += batch.n_frames
+                run.angles_short.add(batch.angle_id)
+                self._metrics["frames_failed"] += batch.n_frames
+                message = (f"{scope} angle {batch.angle_id}: the engine refused {batch.n_frames} "
+                           f"frames ({type(exc).__name__}: {exc}); they count as missing")
+                self._problems.report(scope, cause_of(message), message)
+        self._metrics["batches_processed"] += 1
+        if not batch.angle_complete:
+            return
+        if batch.angle_id not in run.angles_with_frames:
+            run.angles_failed.add(batch.angle_id)
+            self._problems.report(scope, "angle without usable frames",
+                                  f"{scope} angle {batch.angle_id} completed without usable "
+                                  "frames; skipped")
+            return
+        try:
             summary = engine.finish_angle(batch.angle_id)
-            self._metrics["angles_finished"] += 1
-            self._sink("angle_finished", batch.run_uid, summary, engine)
+        except Exception as exc:
+            run.angles_failed.add(batch.angle_id)
+            self._metrics["angles_failed"] += 1
+            message = (f"{scope} angle {batch.angle_id} could not be finished "
+                       f"({type(exc).__name__}: {exc}); skipped")
+            self._problems.report(scope, cause_of(message), message)
+            return
+        self._metrics["angles_finished"] += 1
+        self._sink("angle_finished", batch.run_uid, summary, engine)
+        try:
             finished = engine.finished_angles_deg()
             decision = run.trigger.update(finished)
             if decision is not None:
@@ -300,11 +352,14 @@ class LiveReconstructor:
     def _stop_run(self, stopped: RunStopped) -> None:
         run = self._runs.pop(stopped.run_uid, None)
         if run is None:
-            log.warning("stop for unknown run %s ignored", stopped.run_uid)
+            self._problems.report("live", "stop for unknown run",
+                                  f"stop for unknown run {stopped.run_uid} ignored")
             return
+        gaps = self._gaps(run, stopped)
         run.stats.update(exit_status=stopped.exit_status, reason=stopped.reason,
-                         frames_dropped=stopped.n_dropped)
+                         frames_dropped=stopped.n_dropped, **gaps)
         if run.failed:
+            self._finished(run, "failed")
             return
         status: RunStatus = "stopped_before_trigger"
         if run.trigger.fired:
@@ -315,12 +370,37 @@ class LiveReconstructor:
                 else:
                     # Nothing new since the triggered reconstruction: re-announce it as final.
                     self._sink("reconstruction_ready", run.header.run_uid, run.volumes, final=True)
-                status = "done"
+                status = "done_with_gaps" if gaps["frames_missing"] or gaps["angles_with_gaps"] \
+                    else "done"
             except Exception as exc:
                 self._fail(run, f"final reconstruction: {type(exc).__name__}: {exc}")
+                self._finished(run, "failed")
                 return
+        if stopped.exit_status == "abandoned":
+            status = "abandoned"
         self._record(run, status)
-        self._sink("run_stopped", run.header.run_uid, status)
+        if accepts_keyword(self.sink.run_stopped, "metadata"):
+            self._sink("run_stopped", run.header.run_uid, status, metadata=dict(gaps))
+        else:
+            self._sink("run_stopped", run.header.run_uid, status)
+        self._finished(run, status)
+
+    @staticmethod
+    def _gaps(run: _LiveRun, stopped: RunStopped) -> dict[str, Any]:
+        by_angle = dict(stopped.stats.get("frames_dropped_by_angle", {}))
+        angles = set(by_angle) | run.angles_failed | run.angles_short
+        return {
+            "frames_missing": int(stopped.n_dropped + run.frames_failed),
+            "angles_with_gaps": sorted(int(a) for a in angles),
+        }
+
+    def _finished(self, run: _LiveRun, status: str) -> None:
+        self._problems.summarise(f"run {run.header.run_uid}")
+        if self.on_run_finished is not None:
+            try:
+                self.on_run_finished(run.header.run_uid, status)
+            except Exception:
+                log.exception("on_run_finished failed for run %s", run.header.run_uid)
 
     def _record(self, run: _LiveRun, status: RunStatus) -> None:
         engine = run.engine

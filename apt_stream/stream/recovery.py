@@ -9,7 +9,8 @@ Where a run's documents are written down (docs/streaming.md, "Slow joiners"):
 
 :class:`RunRecovery` looks a uid up in those files: journals one folder below each data root
 first (they are complete), then spool files. A match returns every document of that run in the
-order written; the caller drops the duplicates of what it has already seen.
+order written; the caller drops the duplicates of what it has already seen. Only regular files
+whose real path (symlinks resolved) lies under a data root, or under the spool folder, are read.
 """
 
 from __future__ import annotations
@@ -58,15 +59,34 @@ class RunRecovery:
         self._headers: dict[Path, tuple[int, int, frozenset[str]]] = {}
         self.lookups = 0
         self.recovered_runs = 0
+        #: Logs skipped because they lead outside the roots (a symlink planted in a data root).
+        self.refused: list[str] = []
+
+    def _inside(self, path: Path, roots: tuple[Path, ...]) -> bool:
+        """A regular file whose real path (symlinks resolved) lies under one of ``roots``."""
+        try:
+            real = path.resolve()
+            if not real.is_file():
+                return False
+        except OSError:
+            return False
+        if any(real.is_relative_to(r) for r in roots):
+            return True
+        self.refused.append(str(path))
+        log.warning("recovery: %s resolves to %s, outside %s; not read", path, real,
+                    [str(r) for r in roots])
+        return False
 
     def _candidates(self) -> list[Path]:
         journals: list[Path] = []
         if self.data_roots is not None:
-            for root in self.data_roots.roots:
-                journals.extend(p for p in root.glob(f"*/{JOURNAL_FILE}") if p.is_file())
+            roots = self.data_roots.roots
+            for root in roots:
+                journals.extend(p for p in root.glob(f"*/{JOURNAL_FILE}") if self._inside(p, roots))
         spools: list[Path] = []
         if self.spool_dir is not None and self.spool_dir.is_dir():
-            spools.extend(p for p in self.spool_dir.glob("*.jsonl") if p.is_file())
+            spool_root = (self.spool_dir.resolve(),)
+            spools.extend(p for p in self.spool_dir.glob("*.jsonl") if self._inside(p, spool_root))
 
         def newest_first(paths: list[Path]) -> list[Path]:
             return sorted(paths, key=lambda p: p.stat().st_mtime_ns, reverse=True)

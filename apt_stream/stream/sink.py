@@ -18,8 +18,10 @@ import numpy as np
 
 from apt_stream.stream.messages import RunHeader
 
-RunStatus = Literal["done", "stopped_before_trigger", "failed"]
-RUN_STATUSES: tuple[str, ...] = ("done", "stopped_before_trigger", "failed")
+RunStatus = Literal["done", "done_with_gaps", "stopped_before_trigger", "abandoned", "failed"]
+RUN_STATUSES: tuple[str, ...] = (
+    "done", "done_with_gaps", "stopped_before_trigger", "abandoned", "failed",
+)
 
 
 @runtime_checkable
@@ -39,7 +41,11 @@ class ReconstructionSink(Protocol):
         """Reconstructed volumes (z, y, x) by name; ``final`` only for the end-of-run one."""
 
     def run_stopped(self, run_uid: str, status: RunStatus) -> None:
-        """The run is over: ``done``, ``stopped_before_trigger`` or ``failed``."""
+        """The run is over: ``done``, ``done_with_gaps`` (some frames or angles missing),
+        ``stopped_before_trigger``, ``abandoned`` (no stop came) or ``failed``.
+
+        A sink whose ``run_stopped`` also takes ``metadata=`` gets the gaps:
+        ``{"frames_missing": int, "angles_with_gaps": [angle ids]}``."""
 
 
 class LoggingSink:

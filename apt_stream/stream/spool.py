@@ -131,6 +131,34 @@ class RunSpool:
             del self._seen[run_uid]
             self._index.forget(run_uid)
 
+    def done_path(self, run_uid: str) -> Path:
+        return self.spool_dir / f"{spool_path(self.spool_dir, run_uid).stem}.done"
+
+    def mark_done(self, run_uid: str, status: str = "") -> None:
+        """Record that a run was fully processed, so a restarted listener does not replay it."""
+        try:
+            self.done_path(run_uid).write_text(status + "\n", encoding="utf-8")
+        except (OSError, DocumentError) as exc:
+            log.warning("spool: cannot mark run %s done: %s", run_uid, exc)
+
+    def unfinished(self, *, max_age_s: float = 7 * 86400) -> list[str]:
+        """Run uids spooled here but never marked done (newest first, at most ``max_age_s`` old):
+        what a listener killed mid-run left behind."""
+        import time
+
+        now = time.time()
+        runs = []
+        for path in self.spool_dir.glob("*.jsonl"):
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if not path.is_file() or path.is_symlink() or now - st.st_mtime > max_age_s:
+                continue
+            if not (self.spool_dir / f"{path.stem}.done").exists():
+                runs.append((st.st_mtime, path.stem))
+        return [uid for _, uid in sorted(runs, reverse=True)]
+
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
