@@ -14,6 +14,7 @@ engine factory and reconstruct function, a ground-truth function, a stop event �
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 import time
@@ -60,6 +61,31 @@ class ListenConfig(BaseModel):
     max_runs: int | None = Field(None, ge=1, description="stop after this many scans")
     stop_file: str | None = Field(None, description="stop when this file appears")
     attach_timeout_s: float = Field(30.0, gt=0, description="wait for a flow to take a new run")
+    run_idle_timeout_s: float | None = Field(
+        600.0, gt=0, description="close a run with no document for this long as abandoned"
+    )
+    max_runs_in_flight: int = Field(16, ge=1, description="open runs at most")
+    health_file: str | None = Field(None, description="liveness JSON, rewritten every 5 s")
+    curve_server_key: str | None = Field(
+        None, description="the proxy's CURVE public key (Z85); set to require CURVE"
+    )
+    curve_public_key: str | None = Field(None, description="this listener's CURVE public key")
+    curve_secret_key_env: str = Field(
+        "APT_STREAM_CURVE_SECRET_KEY", description="environment variable with its secret key"
+    )
+
+    def curve_options(self, environ: dict[str, str] | None = None) -> dict[str, str]:
+        """ZmqDocumentSource CURVE keywords (the secret key from the environment, never stored)."""
+        if not self.curve_server_key:
+            return {}
+        env = os.environ if environ is None else environ
+        secret = env.get(self.curve_secret_key_env)
+        if not (self.curve_public_key and secret):
+            raise ConfigError(
+                f"CURVE needs curve_public_key and the secret key in ${self.curve_secret_key_env}"
+            )
+        return {"curve_server_key": self.curve_server_key,
+                "curve_public_key": self.curve_public_key, "curve_secret_key": secret}
 
     def tiled_endpoint(self, environ: dict[str, str] | None = None) -> TiledEndpoint | None:
         env = os.environ if environ is None else environ
@@ -160,42 +186,72 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
         tasks=tasks.LIVE_TASKS,
         attach_timeout_s=config.attach_timeout_s,
     )
+    listener: Listener | None = None
+
+    def run_finished(run_uid: str, status: str) -> None:
+        if listener is not None:
+            listener.mark_done(run_uid, status)
+
     live = LiveReconstructor(
         bridge, engine_factory=bridge.engine_factory, reconstruct_fn=bridge.reconstruct_fn,
         policy=TriggerPolicy(n_star=config.n_star, theta_star_deg=config.theta_star_deg,
                              preview_every=config.preview_every),
+        on_run_finished=run_finished,
     )
     listener = Listener(config.proxy_address, emit=live.submit, data_roots=config.data_roots,
-                        spool_dir=config.spool_dir)
+                        spool_dir=config.spool_dir, run_idle_timeout_s=config.run_idle_timeout_s,
+                        max_runs_in_flight=config.max_runs_in_flight,
+                        health_file=config.health_file, **config.curve_options())
     should_stop = _stopper(config, res.stop)
     scans: list[dict] = []
-    try:
-        listener.start()
-        log.info("listening on %s (N* = %d, θ* = ±%g°)", config.proxy_address, config.n_star,
-                 config.theta_star_deg)
-        if res.on_ready is not None:
-            res.on_ready(listener)
-        while not should_stop():
-            if listener.error is not None:
-                raise ServiceError(f"the listener stopped: {listener.error!r}")
-            channel = bridge.next_run(timeout_s=0.25)
-            if channel is None:
-                continue
+    lock = threading.Lock()
+    flows: list[threading.Thread] = []
+
+    def follow(channel) -> None:
+        # One flow run per scan, each on its own thread: a scan whose stop never comes cannot
+        # hold up the next one.
+        try:
             state = reconstruct_scan(
                 channel, channel.run_uid, n_star=config.n_star,
                 theta_star_deg=config.theta_star_deg, preview_dir=config.preview_dir,
                 truth_fn=res.truth_fn, stop=should_stop, return_state=True,
             )
             summary = state.result(raise_on_failure=False)
+        except Exception as exc:  # the orchestrator failed; the run goes on without it
+            summary = exc
+        with lock:
             scans.append(summary if isinstance(summary, dict) else
                          {"run_uid": channel.run_uid, "error": repr(summary)})
-            if config.max_runs is not None and len(scans) >= config.max_runs:
-                break
+
+    def enough() -> bool:
+        with lock:
+            return config.max_runs is not None and len(scans) >= config.max_runs
+
+    try:
+        listener.start()
+        log.info("listening on %s (N* = %d, θ* = ±%g°)", config.proxy_address, config.n_star,
+                 config.theta_star_deg)
+        if res.on_ready is not None:
+            res.on_ready(listener)
+        while not should_stop() and not enough():
+            if not listener.alive:
+                # Never a live process that serves nothing: the caller exits non-zero.
+                raise ServiceError(f"the listener stopped: {listener.error!r}")
+            channel = bridge.next_run(timeout_s=0.25)
+            if channel is None:
+                continue
+            thread = threading.Thread(target=contextvars.copy_context().run, args=(follow, channel),
+                                      name=f"scan-{channel.run_uid[:8]}", daemon=True)
+            thread.start()
+            flows.append(thread)
+            flows[:] = [t for t in flows if t.is_alive()]
     finally:
         listener.stop()
         # Runs still open finish on the worker, without Prefect; then the worker stops.
         bridge.close()
         live.close()
+        for thread in flows:
+            thread.join(5)
     return {
         "scans": scans,
         "listener": listener.stats(),

@@ -83,6 +83,37 @@ class StartInfo:
     )
 
 
+#: Physically plausible ranges, checked at run start (a typo of 1e3 or a unit mix-up is refused
+#: with its value, instead of a run that "succeeds" with nonsense). Sizes bound memory too.
+GEOMETRY_BOUNDS: dict[str, tuple[float, float]] = {
+    "energy_kev": (0.1, 200.0),
+    "detector_distance_m": (1e-3, 100.0),
+    "detector_pixel_m": (1e-7, 1e-2),
+    "object_pixel_m": (1e-11, 1e-5),
+    "slice_spacing_m": (1e-11, 1e-3),
+    "angles_deg": (-360.0, 360.0),
+}
+#: Largest frame side, object-field side, volume side, slices, probe modes, frames per angle.
+SIZE_BOUNDS = {"frame": 4096, "field": 32768, "volume": 4096, "slices": 1024, "modes": 64,
+               "frames_per_angle": 1_000_000, "angles": 100_000}
+
+
+def _bounded(key: str, value: float) -> float:
+    lo, hi = GEOMETRY_BOUNDS[key]
+    if not lo <= value <= hi:
+        raise DocumentError(
+            f"start document apt_stream.{key} = {value!r} is outside the plausible range "
+            f"[{lo:g}, {hi:g}] (units: {key.rsplit('_', 1)[-1]})"
+        )
+    return value
+
+
+def _sizes(key: str, values: tuple, bound: int) -> tuple:
+    if any(v > bound for v in values):
+        raise DocumentError(f"start document apt_stream.{key} = {list(values)} exceeds {bound}")
+    return values
+
+
 def _number(section: Mapping, key: str, *, positive: bool = True) -> float:
     value = section.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -229,18 +260,39 @@ def parse_start_metadata(start: Mapping) -> StartInfo:
     preset = section.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise DocumentError("start document apt_stream.preset must be a string or null")
+    if n_angles > SIZE_BOUNDS["angles"]:
+        raise DocumentError(f"start document plans {n_angles} angles (at most "
+                            f"{SIZE_BOUNDS['angles']})")
+    field_shape = _sizes("field_shape", _ints(section, "field_shape", 2), SIZE_BOUNDS["field"])
+    _sizes("frame_shape", frame_shape, SIZE_BOUNDS["frame"])
+    if probe_shape[0] > SIZE_BOUNDS["modes"]:
+        raise DocumentError(f"start document apt_stream.probe.shape has {probe_shape[0]} modes "
+                            f"(at most {SIZE_BOUNDS['modes']})")
+    if field_shape[0] < frame_shape[0] or field_shape[1] < frame_shape[1]:
+        raise DocumentError(f"start document apt_stream.field_shape {field_shape} is smaller than "
+                            f"the frames {frame_shape}")
+    slice_spacing = _floats(section, "slice_spacing_m", n_angles)
+    angles = _floats(section, "angles_deg", n_angles)
+    for v in slice_spacing:
+        _bounded("slice_spacing_m", v)
+    for v in angles:
+        _bounded("angles_deg", v)
     return StartInfo(
-        energy_kev=_number(section, "energy_kev"),
-        detector_distance_m=_number(section, "detector_distance_m"),
-        detector_pixel_m=_number(section, "detector_pixel_m"),
-        object_pixel_m=_number(section, "object_pixel_m"),
-        field_shape=_ints(section, "field_shape", 2),
+        energy_kev=_bounded("energy_kev", _number(section, "energy_kev")),
+        detector_distance_m=_bounded("detector_distance_m",
+                                     _number(section, "detector_distance_m")),
+        detector_pixel_m=_bounded("detector_pixel_m", _number(section, "detector_pixel_m")),
+        object_pixel_m=_bounded("object_pixel_m", _number(section, "object_pixel_m")),
+        field_shape=field_shape,
         frame_shape=frame_shape,
-        n_slices=_int(section, "n_slices"),
-        slice_spacing_m=_floats(section, "slice_spacing_m", n_angles),
-        angles_deg=_floats(section, "angles_deg", n_angles),
-        frames_per_angle=_ints(section, "frames_per_angle", n_angles, minimum=0),
-        volume_shape_zyx=_ints(section, "volume_shape_zyx", 3),
+        n_slices=_sizes("n_slices", (_int(section, "n_slices"),), SIZE_BOUNDS["slices"])[0],
+        slice_spacing_m=slice_spacing,
+        angles_deg=angles,
+        frames_per_angle=_sizes("frames_per_angle",
+                                _ints(section, "frames_per_angle", n_angles, minimum=0),
+                                SIZE_BOUNDS["frames_per_angle"]),
+        volume_shape_zyx=_sizes("volume_shape_zyx", _ints(section, "volume_shape_zyx", 3),
+                                SIZE_BOUNDS["volume"]),
         probe_uri=_string(probe, "uri"),
         probe_dataset=_string(probe, "dataset"),
         probe_shape=probe_shape,
