@@ -465,6 +465,25 @@ def bench_live(as_json: _JSON = False, quick: _QUICK = False) -> None:
     _run_bench("benchmark_live", as_json, quick=quick)
 
 
+@bench_app.command("soak")
+def bench_soak(
+    as_json: _JSON = False,
+    minutes: Annotated[float, typer.Option(help="Keep starting runs for this long.")] = 1.0,
+    rate: Annotated[
+        str, typer.Option(help="Beamline frames/s; 0 or max: as fast as the RunEngine goes.")
+    ] = "max",
+    find_rate: Annotated[
+        bool, typer.Option(help="Search the highest rate whose backlog stays flat instead.")
+    ] = False,
+    model: Annotated[str, typer.Option(help="shipped (the APT network) | cheap (identity).")] = "shipped",
+    preset: Annotated[str, typer.Option(help="Scan preset of every run: tiny | demo.")] = "tiny",
+    min_runs: Annotated[int, typer.Option(help="Run at least this many scans.")] = 2,
+) -> None:
+    """Back-to-back live runs over loopback: lost frames, throughput, RSS slope, backlog, errors."""
+    _run_bench("benchmark_soak", as_json, minutes=minutes, rate=rate, find_rate=find_rate,
+               model=model, preset=preset, min_runs=min_runs)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
