@@ -14,7 +14,6 @@ markdown summary with timings, Prefect's overhead and, with ground truth, the pa
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +30,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.states import Completed, Failed
+
+from apt_stream.private_dir import private_dir
 
 from . import tasks
 from .artifacts import ScanBook, artifact_key, group_by_shape, png_data_url
@@ -129,7 +130,8 @@ def reconstruct_scan(
     n_star, theta_star_deg
         The trigger rule, for the progress bar and the summary.
     preview_dir
-        Where slice-preview PNGs go (default: a folder in the system temp dir).
+        Where slice-preview PNGs go (default: the private per-user folder
+        ``~/.cache/apt-stream/previews``, see :func:`apt_stream.private_dir.private_dir`).
     truth_fn
         ``truth_fn(header)`` -> ground-truth volume or None; with it, the final volumes of the
         truth's shape are scored and a ``metrics`` table is published.
@@ -149,7 +151,8 @@ def reconstruct_scan(
     log = get_run_logger()
     book = ScanBook(run_uid=run_uid, n_star=n_star, theta_star_deg=theta_star_deg)
     key = artifact_key(run_uid)
-    pdir = Path(preview_dir) if preview_dir else Path(tempfile.gettempdir()) / "apt-stream-previews"
+    # Never a fixed name in the shared temp dir (another user could plant a symlink there).
+    pdir = Path(preview_dir) if preview_dir else private_dir("previews", fallback_to_temp=True)
     progress = _artifact(book, create_progress_artifact, 0.0, key=f"{key}-progress",
                          description=f"finished angles of N* = {n_star}")
     tiled_uri = None
@@ -181,6 +184,8 @@ def reconstruct_scan(
                 _on_volumes(book, channel, call, preview_dir=pdir, truth_fn=truth_fn, log=log)
             elif call.kind == "run_stopped":
                 book.status = call.info["status"]
+                book.gaps = {k: call.info[k] for k in ("frames_missing", "angles_with_gaps")
+                             if k in call.info}
     show_progress(force=True)
     if book.status is None:
         book.status = "detached"

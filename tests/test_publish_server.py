@@ -88,3 +88,129 @@ def test_check_server_config_names_what_is_missing(tmp_path):
         check_server_config(written, environ={"TILED_SINGLE_USER_API_KEY": "k"})
     with pytest.raises(ConfigError, match="does not exist"):
         check_server_config(tmp_path / "nope.yml", environ={"TILED_SINGLE_USER_API_KEY": "k"})
+
+
+# -- secrets stay out of logs; anonymous and read-only clients cannot write ----------------------
+MULTIUSER_CONFIG = DEPLOY_CONFIG.parent / "tiled-multiuser.yml"
+
+
+def test_redact_keys_urls_and_credentials():
+    from apt_stream.publish.server import redact
+
+    assert redact("GET /api/v1/?api_key=abc123def&x=1") == "GET /api/v1/?api_key=***&x=1"
+    assert redact("GET /x?api_key%3Dabc123") == "GET /x?api_key%3D***"
+    assert redact("Authorization: Apikey " + "ab" * 16) == "Authorization: Apikey ***"
+    assert redact("Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln") == "Bearer ***"
+    assert redact("the key is s3cr3tkey!", ["s3cr3tkey"]) == "the key is ***!"
+    # Request lines naming the apikey route are not credentials.
+    line = "POST /api/v1/auth/principal/123/apikey HTTP/1.1"
+    assert redact(line) == line
+    assert redact("a k b", ["k"]) == "a k b"  # too short to be a key: not replaced
+
+
+def test_redacting_stream_and_filter_catch_split_and_formatted_keys():
+    import io
+    import logging
+
+    from apt_stream.publish.server import RedactingFilter, RedactingStream
+
+    sink = io.StringIO()
+    stream = RedactingStream(sink, ["deadbeefcafe"])
+    stream.write("http://h:1?api_key=dead")  # the key split over two writes
+    stream.write("beefcafe\nnext ")
+    stream.flush()
+    assert sink.getvalue() == "http://h:1?api_key=***\nnext "
+
+    record = logging.LogRecord("tiled", logging.INFO, __file__, 1, "%s asked %s (%d)",
+                               ("127.0.0.1", "/x?api_key=deadbeefcafe", 200), None)
+    assert RedactingFilter(["deadbeefcafe"]).filter(record)
+    assert record.getMessage() == "127.0.0.1 asked /x?api_key=*** (200)"
+
+
+def test_embedded_server_refuses_anonymous_clients_and_keeps_keys_out_of_its_logs(tiled_server):
+    import httpx
+
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        anonymous_write = client.post(f"{tiled_server.uri}/metadata/", json={
+            "structure_family": "container", "metadata": {}, "specs": []})
+        assert anonymous_write.status_code in (401, 403)
+        assert client.get(f"{tiled_server.uri}/metadata/").status_code in (401, 403)
+        with_key = client.get(f"{tiled_server.uri}/metadata/?api_key={tiled_server.api_key}")
+        assert with_key.status_code == 200
+    access = (tiled_server.data_dir / "access.log").read_text()
+    assert "api_key=***" in access
+    for name in ("access.log", "error.log"):
+        assert tiled_server.api_key not in (tiled_server.data_dir / name).read_text()
+
+
+def test_launcher_refuses_keys_on_the_command_line_and_generated_keys(tmp_path, monkeypatch,
+                                                                      capsys):
+    from apt_stream.publish.__main__ import main
+
+    monkeypatch.setenv("APT_STREAM_TILED_DATA", str(tmp_path))
+    monkeypatch.delenv("TILED_SINGLE_USER_API_KEY", raising=False)
+    assert main(["serve", str(DEPLOY_CONFIG), "--api-key", "abc123"]) == 2
+    assert "process list" in capsys.readouterr().err
+    assert main(["serve", str(DEPLOY_CONFIG)]) == 2
+    assert "TILED_SINGLE_USER_API_KEY is not set" in capsys.readouterr().err
+    assert main(["bogus"]) == 2 and "usage" in capsys.readouterr().err
+
+
+def test_multiuser_read_only_key_reads_but_cannot_write(tmp_path, monkeypatch):
+    """deploy/tiled-multiuser.yml for real: the admin logs in, makes a pipeline key and a
+    read-only key; the pipeline writes, the reader reads and is refused every write."""
+    import secrets
+
+    import httpx
+    import numpy as np
+
+    from apt_stream.plugins.tiled import serve_config
+
+    password, secret_key = secrets.token_hex(12), secrets.token_hex(32)
+    monkeypatch.setenv("TILED_ADMIN_PASSWORD", password)
+    monkeypatch.setenv("TILED_SECRET_KEY", secret_key)
+    with serve_config(MULTIUSER_CONFIG, data_dir=tmp_path / "tiled") as (server, _proc), \
+            httpx.Client(trust_env=False, timeout=30) as http:
+        base = server.uri
+        assert http.get(f"{base}/metadata/").status_code == 401  # anonymous reads refused
+        assert http.post(f"{base}/metadata/", json={}).status_code == 401
+        login = http.post(f"{base}/auth/provider/local/token",
+                          data={"username": "apt-admin", "password": password})
+        assert login.status_code == 200
+        admin = {"Authorization": f"Bearer {login.json()['access_token']}"}
+
+        def key_for(scopes: list[str], note: str) -> str:
+            principal = http.post(f"{base}/auth/principal", params={"role": "user"},
+                                  headers=admin).json()
+            made = http.post(f"{base}/auth/principal/{principal['uuid']}/apikey", headers=admin,
+                             json={"scopes": scopes, "expires_in": None, "note": note})
+            assert made.status_code == 200, made.text
+            return made.json()["secret"]
+
+        pipeline_key = key_for(["read:metadata", "read:data", "write:metadata", "write:data",
+                                "create:node", "delete:node", "delete:revision"], "pipeline")
+        reader_key = key_for(["read:metadata", "read:data"], "alice")
+
+        pipeline = TiledEndpoint(uri=base, api_key=pipeline_key)
+        assert check_writable(pipeline)["uri"] == base
+        scan = connect(pipeline).create_container(key="scan-1", metadata={"status": "done"})
+        scan.write_array(np.arange(6.0), key="apt")
+
+        reader = TiledEndpoint(uri=base, api_key=reader_key)
+        root = connect(reader)
+        assert root["scan-1"].metadata["status"] == "done"
+        np.testing.assert_array_equal(root["scan-1"]["apt"].read(), np.arange(6.0))
+        with pytest.raises(Exception, match="401"):
+            root.create_container(key="scan-2")
+        with pytest.raises(Exception, match="401"):
+            root["scan-1"].update_metadata(metadata={"status": "tampered"})
+        with pytest.raises(ServiceError, match="refused a write"):
+            check_writable(reader)
+        # Nor can the reader mint itself a broader key.
+        minted = http.post(f"{base}/auth/apikey", headers={"Authorization": f"Apikey {reader_key}"},
+                           json={"scopes": ["inherit"], "expires_in": None})
+        assert minted.status_code in (401, 403)
+        assert root["scan-1"].metadata["status"] == "done"
+    log_text = (tmp_path / "tiled" / "server.log").read_text()
+    for secret in (password, secret_key, pipeline_key, reader_key):
+        assert secret not in log_text

@@ -13,14 +13,19 @@ The API key never appears in a log line, a ``repr`` or an error message; it trav
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import re
 import secrets
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from apt_stream.errors import ConfigError, ServiceError
 
@@ -31,30 +36,38 @@ API_KEY_ENV = "APT_STREAM_TILED_API_KEY"
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-@dataclass(frozen=True)
-class TiledEndpoint:
+class TiledEndpoint(BaseModel):
     """A Tiled server's API address and the key that opens it.
+
+    A frozen pydantic model whose key is excluded from every dump: ``repr``, ``model_dump`` and
+    the JSON encoders Prefect uses for parameters (``jsonable_encoder``) never contain it, so an
+    endpoint handed to a flow or task does not end up in Prefect's database.
 
     Attributes
     ----------
     uri
         ``http(s)://host:port/api/v1`` (no key in it).
     api_key
-        Hidden from ``repr``.
+        Hidden from ``repr`` and excluded from serialisation.
     data_dir
         The embedded server's data folder (None for a remote server).
     """
 
+    model_config = ConfigDict(frozen=True)
+
     uri: str
-    api_key: str | None = field(default=None, repr=False)
+    api_key: str | None = Field(default=None, repr=False, exclude=True)
     data_dir: Path | None = None
 
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.uri)
+    def __init__(
+        self, uri: str, api_key: str | None = None, data_dir: str | os.PathLike | None = None
+    ) -> None:
+        parts = urlsplit(uri)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"Tiled URI must be http(s)://host[:port]/..., got {self.uri!r}")
+            raise ConfigError(f"Tiled URI must be http(s)://host[:port]/..., got {uri!r}")
         if "api_key" in parts.query:
             raise ConfigError("put the Tiled API key in APT_STREAM_TILED_API_KEY, not in the URI")
+        super().__init__(uri=uri, api_key=api_key, data_dir=data_dir)
 
     @property
     def is_loopback(self) -> bool:
@@ -107,6 +120,10 @@ def local_tiled_server(
     except Exception as exc:
         where = f" (see {data_dir / 'error.log'})" if data_dir is not None else ""
         raise ServiceError(f"embedded Tiled server did not start: {exc}{where}") from None
+    # The server logs to error.log / access.log in its folder; a browser that opens a
+    # ``?api_key=`` link would put the key there. Redact it (and any other key) on the way out.
+    _SERVER_LOG_FILTER.secrets.add(key)
+    _filter_server_logs(_SERVER_LOG_FILTER)
     endpoint = TiledEndpoint(
         uri=f"http://127.0.0.1:{server.port}/api/v1", api_key=key, data_dir=Path(server.directory)
     )
@@ -144,7 +161,196 @@ def connect(endpoint: TiledEndpoint, *, timeout_s: float = 10.0) -> Any:
 
 
 def _redact(text: str, endpoint: TiledEndpoint) -> str:
-    return text.replace(endpoint.api_key, "***") if endpoint.api_key else text
+    return redact(text, [endpoint.api_key] if endpoint.api_key else ())
+
+
+# -- keeping keys out of logs --------------------------------------------------------------------
+#: ``api_key=<value>`` in a URL (also percent-encoded), and ``Apikey`` / ``Bearer`` credentials.
+_KEY_IN_URL = re.compile(r"(?i)(api_key(?:=|%3D))[^&\s\"'<>]+")
+_CREDENTIAL = re.compile(
+    r"(?i)\b(apikey(?=\s+[A-Za-z0-9_-]{16,})|bearer(?=\s+[A-Za-z0-9._~+/=-]{16,}))(\s+)\S+"
+)
+#: Environment variables whose values are treated as secrets by :func:`serve_tiled`.
+_SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|PASSWD|TOKEN|AUTH_STRING", re.IGNORECASE)
+_MIN_SECRET = 6  # shorter values would redact ordinary words
+
+
+def redact(text: str, secrets_: Iterable[str] = ()) -> str:
+    """``text`` with every given secret, every ``api_key=…`` value and every ``Apikey …`` /
+    ``Bearer …`` credential replaced by ``***``."""
+    for secret in sorted((s for s in secrets_ if s and len(s) >= _MIN_SECRET), key=len,
+                         reverse=True):
+        text = text.replace(secret, "***")
+    text = _KEY_IN_URL.sub(r"\1***", text)
+    return _CREDENTIAL.sub(r"\1\2***", text)
+
+
+def environment_secrets(environ: Mapping[str, str] | None = None) -> set[str]:
+    """Values of the environment variables whose names say they are secrets (``*KEY*``,
+    ``*SECRET*``, ``*PASSWORD*``, ``*TOKEN*``, ``*AUTH_STRING*``)."""
+    env = os.environ if environ is None else environ
+    return {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= _MIN_SECRET}
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that :func:`redact` s each record's message, arguments and traceback.
+
+    Put it on handlers (records from child loggers reach a handler without passing the parent
+    logger's filters). ``secrets`` is a set: add keys as they become known.
+    """
+
+    def __init__(self, secrets_: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets: set[str] = {s for s in secrets_ if s}
+
+    def _clean(self, value: Any) -> Any:
+        text = value if isinstance(value, str) else str(value)
+        cleaned = redact(text, self.secrets)
+        return value if cleaned == text else cleaned
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg, self.secrets)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._clean(a) for a in record.args)
+        elif isinstance(record.args, Mapping):
+            record.args = {k: self._clean(v) for k, v in record.args.items()}
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        return True
+
+
+#: Tiled's and uvicorn's loggers (the embedded server's error.log and access.log).
+_SERVER_LOGGERS = ("tiled", "uvicorn", "uvicorn.error", "uvicorn.access")
+_SERVER_LOG_FILTER = RedactingFilter()
+
+
+def _filter_server_logs(log_filter: logging.Filter) -> None:
+    for name in _SERVER_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(log_filter)  # no-op if already there
+
+
+class RedactingStream(io.TextIOBase):
+    """A text stream that passes whole lines to ``stream`` with :func:`redact` applied.
+
+    A line is held until its newline (or :meth:`flush`), so a key split across two writes is
+    still caught.
+    """
+
+    def __init__(self, stream: Any, secrets_: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._stream = stream
+        self.secrets: set[str] = {s for s in secrets_ if s}
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._pending += text
+            head, newline, tail = self._pending.rpartition("\n")
+            if newline:
+                self._stream.write(redact(head + newline, self.secrets))
+                self._pending = tail
+            if len(self._pending) > 65536:
+                self._stream.write(redact(self._pending, self.secrets))
+                self._pending = ""
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._stream.write(redact(self._pending, self.secrets))
+                self._pending = ""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(self._stream, "isatty", lambda: False)())
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8")
+
+    def writable(self) -> bool:
+        return True
+
+
+SERVE_USAGE = """usage: python -m apt_stream.publish serve CONFIG [tiled serve config options]
+
+Runs `tiled serve config CONFIG ...` with its output redacted: the single-user API key, every
+?api_key=... in a URL and the values of *KEY* / *SECRET* / *PASSWORD* / *TOKEN* environment
+variables are written as ***. In single-user mode TILED_SINGLE_USER_API_KEY must be set
+(a key that Tiled generates would only ever be printed, and that print is redacted).
+"""
+
+
+def serve_tiled(argv: Sequence[str] | None = None) -> int:
+    """``tiled serve config`` with every secret redacted from its stdout and stderr.
+
+    ``tiled serve config`` prints ``http://host:port?api_key=<key>`` to stderr whenever the key
+    was not given as ``--api-key`` (which would put it in the process list instead), i.e. also
+    when it comes from ``TILED_SINGLE_USER_API_KEY``. This runs the same command with
+    ``sys.stdout`` / ``sys.stderr`` wrapped in :class:`RedactingStream` (uvicorn's log handlers
+    pick up the wrapped streams), so neither the terminal nor a log file sees the key.
+
+    Parameters
+    ----------
+    argv
+        ``CONFIG [options of tiled serve config]`` (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status (2 for a usage error or a missing key).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        sys.stderr.write(SERVE_USAGE)
+        return 0 if args else 2
+    if "--api-key" in args or any(a.startswith("--api-key=") for a in args):
+        sys.stderr.write("refusing --api-key: it shows in the process list; "
+                         "set TILED_SINGLE_USER_API_KEY instead\n")
+        return 2
+    problem = _single_user_key_missing(args[0])
+    if problem:
+        sys.stderr.write(problem + "\n")
+        return 2
+    secrets_ = environment_secrets()
+    sys.stdout = RedactingStream(sys.stdout, secrets_)
+    sys.stderr = RedactingStream(sys.stderr, secrets_)
+    from tiled.commandline.main import cli_app
+
+    try:
+        cli_app(["serve", "config", *args], prog_name="tiled")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return 0
+
+
+def _single_user_key_missing(config_path: str) -> str | None:
+    """Why a single-user server would start with a generated (unknowable) key, or None."""
+    try:
+        from tiled.config import parse_configs
+
+        parsed = parse_configs(config_path)
+    except Exception:
+        return None  # tiled reports it, with the config's own error message
+    auth = parsed.authentication
+    if auth.providers or auth.single_user_api_key or os.environ.get("TILED_SINGLE_USER_API_KEY"):
+        return None
+    return ("TILED_SINGLE_USER_API_KEY is not set: Tiled would generate a key and print it "
+            "(redacted here). Set it, e.g. "
+            "export TILED_SINGLE_USER_API_KEY=$(python -c \"import secrets; "
+            "print(secrets.token_hex(32))\")")
 
 
 #: Container the flight check writes to (one per catalog, reused every time).

@@ -57,7 +57,9 @@ def serve_config(
     data_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port(host) if port is None else int(port)
     env = {**os.environ, DATA_ENV: str(data_dir), SERVER_KEY_ENV: key}
-    cmd = [sys.executable, "-m", "tiled", "serve", "config", str(config_path),
+    # `tiled serve config` through apt_stream.publish's redacting launcher: plain tiled prints
+    # the key (…?api_key=<key>) into server.log.
+    cmd = [sys.executable, "-m", "apt_stream.publish", "serve", str(config_path),
            "--host", host, "--port", str(port)]
     log_path = data_dir / "server.log"
     with log_path.open("ab") as log_file:
