@@ -9,6 +9,12 @@ Numpy values inside documents (``numpy.float64`` readbacks, small arrays) are tu
 numbers and lists on the way out, so both codecs carry them. Big arrays never travel in documents:
 frames and probe modes live in HDF5 files that documents reference.
 
+Decoding is bounded (:mod:`apt_stream.stream.limits`): the message size is checked before
+anything else, msgpack headers cannot claim more than the limits allow, JSON is scanned for depth
+and size before it is parsed, and every decoded document passes
+:func:`~apt_stream.stream.limits.check_structure`. Whatever goes wrong while decoding is raised as
+:class:`DocumentError` (never ``RecursionError``, ``MemoryError`` or a codec's own exception).
+
 ``PROBE_NAME`` messages are link probes (see :func:`probe_message`): a publisher sends them until a
 subscriber reports one, which proves the publisher -> proxy -> subscriber path is up. They are never
 documents and never reach document consumers.
@@ -25,6 +31,14 @@ import msgpack
 import numpy as np
 
 from apt_stream.errors import DocumentError
+from apt_stream.stream.limits import (
+    DEFAULT_LIMITS,
+    MessageLimits,
+    check_structure,
+    msgpack_caps,
+    msgpack_hooks,
+    precheck_json,
+)
 
 Serializer = Literal["msgpack", "json", "pickle", "auto"]
 
@@ -89,13 +103,25 @@ def _sniff(payload: bytes) -> str:
 
 
 def decode_payload(
-    payload: bytes, *, serializer: Serializer = "msgpack", allow_pickle: bool = False
+    payload: bytes,
+    *,
+    serializer: Serializer = "msgpack",
+    allow_pickle: bool = False,
+    limits: MessageLimits | None = None,
 ) -> Any:
     """Decode one payload with the chosen codec; raise :class:`DocumentError` when it fails.
 
     ``serializer="auto"`` sniffs the first bytes (JSON object, pickle header, else msgpack); even
-    then pickle is only decoded with ``allow_pickle=True``.
+    then pickle is only decoded with ``allow_pickle=True``. ``limits`` (default
+    :class:`MessageLimits`) bound the payload size and, for msgpack and JSON, the lengths, item
+    count and nesting depth before or while decoding. The decoded object is returned as is:
+    :func:`decode_message` runs :func:`check_structure` on it.
     """
+    limits = limits or DEFAULT_LIMITS
+    if len(payload) > limits.max_message_bytes:
+        raise DocumentError(
+            f"payload of {len(payload)} bytes exceeds the {limits.max_message_bytes}-byte limit"
+        )
     kind = _sniff(payload) if serializer == "auto" else serializer
     if kind == "pickle" or _looks_like_pickle(payload):
         if not allow_pickle:
@@ -107,20 +133,38 @@ def decode_payload(
         try:
             return pickle.loads(payload)  # noqa: S301 - explicitly allowed by the caller
         except Exception as exc:
-            raise DocumentError(f"pickle payload could not be decoded: {exc}") from exc
+            raise DocumentError(f"pickle payload could not be decoded: {_describe(exc)}") from exc
     if kind == "msgpack":
         try:
-            return msgpack.unpackb(payload, raw=False)
+            return msgpack.unpackb(
+                payload, raw=False, **msgpack_caps(limits), **msgpack_hooks(limits)
+            )
+        except DocumentError:
+            raise
+        except msgpack.StackError:
+            raise DocumentError(
+                "msgpack payload nests deeper than the decoder's stack (1024 levels)"
+            ) from None
         except Exception as exc:
-            raise DocumentError(f"msgpack payload could not be decoded: {exc}") from exc
+            raise DocumentError(f"msgpack payload could not be decoded: {_describe(exc)}") from exc
     if kind == "json":
+        precheck_json(payload, limits)
         try:
             return json.loads(payload.decode("utf-8"))
+        except RecursionError:
+            raise DocumentError("JSON payload nests too deeply to decode") from None
         except Exception as exc:
-            raise DocumentError(f"JSON payload could not be decoded: {exc}") from exc
+            raise DocumentError(f"JSON payload could not be decoded: {_describe(exc)}") from exc
     raise DocumentError(
         f"unknown serializer {serializer!r}; choose msgpack, json, auto or pickle"
     )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return text or type(exc).__name__
 
 
 def decode_message(
@@ -129,16 +173,24 @@ def decode_message(
     serializer: Serializer = "msgpack",
     allow_pickle: bool = False,
     prefix: bytes = b"",
+    limits: MessageLimits | None = None,
 ) -> tuple[str, dict] | None:
     """Split and decode one 0MQ message into ``(name, doc)``.
 
     Returns ``None`` for a message whose prefix differs from a non-empty ``prefix`` (another
     publisher's traffic, not an error). Raises :class:`DocumentError` naming the problem for
-    anything that is not a well-formed ``prefix name payload`` message with a dict payload and a
-    known document name (or the probe name).
+    anything that is not a well-formed ``prefix name payload`` message within ``limits``
+    (default :class:`MessageLimits`) with a mapping payload of JSON types and a known document
+    name (or the probe name).
     """
+    limits = limits or DEFAULT_LIMITS
     if not isinstance(message, bytes | bytearray | memoryview):
         raise DocumentError(f"message must be bytes, got {type(message).__name__}")
+    size = message.nbytes if isinstance(message, memoryview) else len(message)
+    if size > limits.max_message_bytes:
+        raise DocumentError(
+            f"message of {size} bytes exceeds the {limits.max_message_bytes}-byte limit"
+        )
     message = bytes(message)
     parts = message.split(b" ", 2)
     if len(parts) != 3:
@@ -153,10 +205,11 @@ def decode_message(
     except UnicodeDecodeError:
         raise DocumentError(f"document name is not ASCII: {raw_name[:40]!r}") from None
     if name not in DOCUMENT_NAMES and name != PROBE_NAME:
-        raise DocumentError(f"unknown document name {name!r}")
-    doc = decode_payload(payload, serializer=serializer, allow_pickle=allow_pickle)
+        raise DocumentError(f"unknown document name {name[:40]!r}")
+    doc = decode_payload(payload, serializer=serializer, allow_pickle=allow_pickle, limits=limits)
     if not isinstance(doc, dict):
         raise DocumentError(f"{name} payload decoded to {type(doc).__name__}, expected a mapping")
+    check_structure(doc, limits)
     return name, doc
 
 
