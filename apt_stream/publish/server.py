@@ -6,8 +6,11 @@ appendable tables) under one data folder, listening on 127.0.0.1 on a free port.
 folder and the scans are still there next time. A real server (``deploy/tiled-config.yml``) is
 reached with :func:`endpoint_from_env` (``APT_STREAM_TILED_URI``, ``APT_STREAM_TILED_API_KEY``).
 
-The API key never appears in a log line, a ``repr`` or an error message; it travels in the
-``Authorization`` header, not in the URL.
+The API key never appears in a log line, a ``repr``, an error message or a Prefect parameter
+(:class:`TiledEndpoint` excludes it from every dump); it travels in the ``Authorization``
+header, not in the URL. The embedded server's logs and those of :func:`serve_tiled`
+(``python -m apt_stream.publish serve CONFIG``: ``tiled serve config``, which prints the key at
+start-up, with its output redacted) go through :func:`redact`.
 """
 
 from __future__ import annotations
