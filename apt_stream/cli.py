@@ -359,28 +359,96 @@ def listen(
     ] = None,
     max_runs: Annotated[int | None, typer.Option(help="Stop after this many scans.")] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    stop_grace: Annotated[
+        float, typer.Option(min=0.0, help="Seconds a graceful stop (SIGINT/SIGTERM) may take; then it exits.")
+    ] = 3.0,
 ) -> None:
     """Serve a beamline: follow its proxy, reconstruct every scan live, publish to Tiled.
 
     The Tiled API key comes from $APT_STREAM_TILED_API_KEY (never a flag, never logged). Runs as
-    the Prefect `listen` flow: on PREFECT_API_URL's server if set, else Prefect's ephemeral one.
+    the Prefect `listen` flow: on PREFECT_API_URL's server if set, else on a temporary local
+    Prefect server that lives and dies with this process.
+
+    SIGINT (Ctrl-C) or SIGTERM stops it gracefully: the listener stops, runs in flight are
+    flushed, the summary is printed, exit code 0. A second signal exits at once (130 after
+    SIGINT, 143 after SIGTERM); a graceful stop longer than --stop-grace exits with code 1.
     """
-    with _errors():
-        from apt_stream.flows.settings import apply_offline_env
+    import threading
 
-        apply_offline_env()
-        from apt_stream.flows.listen import ListenConfig
-        from apt_stream.flows.listen import listen as listen_flow
+    from apt_stream.flows.prefect_server import (
+        ForcedExit,
+        SignalStop,
+        StartAborted,
+        prefect_api,
+        run_until_signalled,
+    )
 
-        config = ListenConfig(
-            proxy_address=zmq, data_roots=[str(p) for p in data_root],
-            spool_dir=str(spool) if spool else None, tiled_uri=tiled_uri,
-            checkpoint=str(checkpoint) if checkpoint else None, n_star=n_star,
-            theta_star_deg=theta_star, preview_every=preview_every, max_runs=max_runs,
-            device=device,
-        )
-        console.print(f"listening on {zmq} (N* = {n_star}, θ* = ±{theta_star}°); Ctrl-C stops")
-        _print_json(listen_flow(config))
+    def say(message: str) -> None:
+        console.print(message, soft_wrap=True, highlight=False)
+
+    def say_now(message: str) -> None:  # safe inside a signal handler
+        os.write(2, f"{message}\n".encode())
+
+    def exit_now(code: int, message: str | None = None) -> None:
+        """Exit without the interpreter's teardown: Prefect's exit hooks would wait on a server
+        already gone, and freeing torch & co. takes seconds on a busy machine."""
+        if message:
+            say_now(message)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+
+    def warm_imports() -> None:  # while the Prefect server boots
+        import torch  # noqa: F401
+
+        import apt_stream.flows.listen  # noqa: F401
+
+    stop = threading.Event()
+    try:
+        with SignalStop(stop, say=say_now) as signals, _errors():
+            from apt_stream.flows.settings import apply_offline_env
+
+            apply_offline_env()
+            say(f"starting: {zmq} (N* = {n_star}, θ* = ±{theta_star}°)")
+            with prefect_api(should_abort=stop.is_set, while_starting=warm_imports,
+                             say=say) as api:
+                from apt_stream.flows.listen import ListenConfig, LiveResources
+                from apt_stream.flows.listen import listen as listen_flow
+
+                config = ListenConfig(
+                    proxy_address=zmq, data_roots=[str(p) for p in data_root],
+                    spool_dir=str(spool) if spool else None, tiled_uri=tiled_uri,
+                    checkpoint=str(checkpoint) if checkpoint else None, n_star=n_star,
+                    theta_star_deg=theta_star, preview_every=preview_every,
+                    max_runs=max_runs, device=device,
+                )
+                resources = LiveResources(stop=stop, on_ready=lambda _listener: say(
+                    f"ready: listening on {zmq}; Ctrl-C or SIGTERM stops"))
+                outcome = run_until_signalled(lambda: listen_flow(config, resources), signals,
+                                              grace_s=stop_grace)
+                if outcome.how == "forced":
+                    api.kill()
+                    exit_now(128 + outcome.signal, f"{outcome.signal_name} again: exiting now")
+                if outcome.how == "timeout":
+                    api.kill()
+                    exit_now(1, f"error: the graceful stop took over {stop_grace:g} s; "
+                                "exiting now (runs in flight may be unfinished)")
+                if outcome.how == "raised":
+                    raise outcome.error
+            if outcome.signal is not None:
+                say(f"stopped on {outcome.signal_name}")
+            _print_json(outcome.result)
+    except StartAborted:
+        say("stopped before the listener started")
+    except ForcedExit as forced:
+        exit_now(forced.exit_code, f"{forced.signal_name} again: exiting now")
+    # Stopped cleanly: runs flushed, Prefect's queues drained, its server stopped. In a real
+    # process (not under CliRunner or pytest's capture) skip the slow interpreter teardown.
+    if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
+        import atexit
+
+        atexit._run_exitfuncs()
+        exit_now(0)
 
 
 @app.command()
