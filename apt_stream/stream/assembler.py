@@ -70,6 +70,10 @@ class _Run:
     pending: dict[int, list[_Pending]] = field(default_factory=dict)  # angle_id -> frames
     angle_deg: dict[int, float] = field(default_factory=dict)
     events_per_angle: dict[int, int] = field(default_factory=dict)
+    #: frames the angle's completion event announced (it waits until that many events came)
+    announced: dict[int, int] = field(default_factory=dict)
+    #: events whose stream datum has not arrived: (descriptor, seq) -> (doc, angle, deg, pos)
+    awaiting_datum: dict[tuple[str, int], tuple] = field(default_factory=dict)
     dropped_since_batch: dict[int, int] = field(default_factory=dict)
     dropped_by_angle: dict[int, int] = field(default_factory=dict)
     #: angle -> monotonic deadline: completion asked for, frames still being read.
@@ -354,6 +358,11 @@ class RunAssembler(DocumentRouter):
         descriptor = doc.get("descriptor", "")
         for i in range(s1 - s0):
             run.frame_of_seq[(descriptor, s0 + i)] = (doc["stream_resource"], i0 + i)
+        for i in range(s1 - s0):
+            waiting = run.awaiting_datum.pop((descriptor, s0 + i), None)
+            if waiting is not None:  # its event came first
+                self._accept_frame(run, *waiting)
+        self._service(run)
 
     def event(self, doc):
         run = self._touch(self._run_of_descriptor.get(doc.get("descriptor")))
@@ -375,7 +384,14 @@ class RunAssembler(DocumentRouter):
                 deg = data.get(keys.done_angle_deg)
                 if isinstance(deg, int | float) and math.isfinite(deg):
                     run.angle_deg[angle_id] = float(deg)
-            self._request_completion(run, angle_id)
+            n_done = data.get(keys.done_n_frames)
+            if (isinstance(n_done, int) and not isinstance(n_done, bool)
+                    and run.events_per_angle.get(angle_id, 0) < n_done):
+                # Some of its events have not come (lost on the wire, or still in flight): the
+                # angle completes when they have, or at the stop (after the journal filled in).
+                run.announced[angle_id] = n_done
+            else:
+                self._request_completion(run, angle_id)
         self._service(run)
         return doc
 
@@ -391,7 +407,7 @@ class RunAssembler(DocumentRouter):
     def _begin_stop(self, run: _Run, exit_status: str, reason: str) -> None:
         # Angles whose completion event never came (lost or garbled) complete now, so their
         # frames are used rather than lost.
-        for angle_id in sorted(set(run.pending) | set(run.angle_deg)):
+        for angle_id in sorted(set(run.pending) | set(run.angle_deg) | set(run.announced)):
             self._request_completion(run, angle_id, service=False)
         run.stopping = (time.monotonic() + self.data_wait_s, exit_status, reason)
         self._service(run)
@@ -463,8 +479,9 @@ class RunAssembler(DocumentRouter):
                           or n_pending >= self.max_batch_frames):
             self._read_pending(run)
         now = time.monotonic()
+        awaiting = {w[2] for w in run.awaiting_datum.values()}
         for angle_id, deadline in sorted(run.completing.items()):
-            if run.pending.get(angle_id) and now < deadline:
+            if (run.pending.get(angle_id) or angle_id in awaiting) and now < deadline:
                 continue
             for p in run.pending.pop(angle_id, []):
                 res = run.resources[p.resource]
@@ -474,6 +491,10 @@ class RunAssembler(DocumentRouter):
                          f"{res.path} within {self.data_wait_s:g} s ({why}); dropped",
                     angle_id=angle_id,
                 )
+            for key in [k for k, w in run.awaiting_datum.items() if w[2] == angle_id]:
+                _, where, *_ = run.awaiting_datum.pop(key)
+                self._problem(run, f"{where}: no stream datum references this event; dropped",
+                              angle_id=angle_id)
             del run.completing[angle_id]
             run.completed.add(angle_id)
             self._emit_batch(run, angle_id, [], complete=True)
@@ -498,10 +519,11 @@ class RunAssembler(DocumentRouter):
             self._accept_frame(run, doc, where, angle_id, angle_deg, pos)
         finally:
             planned = run.info.frames_per_angle
-            if (0 <= angle_id < len(planned) and planned[angle_id]
-                    and run.events_per_angle[angle_id] >= planned[angle_id]):
-                # Every planned frame of this angle has arrived: no need to wait for its
-                # completion event (which may be lost).
+            seen = run.events_per_angle[angle_id]
+            if ((0 <= angle_id < len(planned) and planned[angle_id] and seen >= planned[angle_id])
+                    or seen >= run.announced.get(angle_id, math.inf)):
+                # Every planned (or announced) frame of this angle has arrived: no need to wait
+                # for its completion event (which may be lost).
                 self._request_completion(run, angle_id, service=False)
 
     def _accept_frame(self, run, doc, where, angle_id, angle_deg, pos) -> None:
@@ -514,10 +536,16 @@ class RunAssembler(DocumentRouter):
             self._problem(run, f"{where}: position {pos} puts the {h}x{w} window outside the "
                                f"{ny}x{nx} object field; dropped", angle_id=angle_id)
             return
-        ref = run.frame_of_seq.pop((doc.get("descriptor"), seq := doc.get("seq_num")), None)
+        key = (doc.get("descriptor"), seq := doc.get("seq_num"))
+        ref = run.frame_of_seq.pop(key, None)
         if ref is None:
-            self._problem(run, f"{where}: no stream datum references this event; dropped",
-                          angle_id=angle_id)
+            if len(run.awaiting_datum) < max(2 * run.planned_frames, 1024):
+                # Its stream datum may still come (documents can arrive out of order).
+                run.awaiting_datum[key] = (doc, where, angle_id, angle_deg, pos)
+                run.angle_deg.setdefault(angle_id, angle_deg)
+            else:
+                self._problem(run, f"{where}: no stream datum references this event; dropped",
+                              angle_id=angle_id)
             return
         resource, index = ref
         res = run.resources.get(resource)

@@ -55,6 +55,9 @@ class DocumentPipeline:
         Bytes (as JSON) of documents held for unknown runs; beyond this the oldest are dropped.
     stop_grace_s
         How long a stop that came before the events it counts waits for them.
+    quiet_fill_s
+        An open run with no document for this long is looked up in its journal (documents lost
+        on the wire, the stop included, are taken from there).
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class DocumentPipeline:
         keep_finished: int = 64,
         max_orphan_bytes: int = 64 * 2**20,
         stop_grace_s: float = 30.0,
+        quiet_fill_s: float = 10.0,
     ) -> None:
         self.consumers = list(consumers)
         self.recovery = recovery
@@ -86,6 +90,8 @@ class DocumentPipeline:
         self._stream_of: dict[str, tuple[str, str]] = {}  # descriptor uid -> (run uid, stream)
         self._events: dict[str, dict[str, int]] = {}  # run uid -> stream -> events delivered
         self._held_stops: dict[str, tuple[float, dict]] = {}  # run uid -> (deadline, stop doc)
+        self._last_doc_at: dict[str, float] = {}  # open run -> monotonic time of its last document
+        self.quiet_fill_s = float(quiet_fill_s)
         self._log = ProblemLog(log)
         self._last_try: dict[str, float] = {}
         self._replaying = False
@@ -114,8 +120,17 @@ class DocumentPipeline:
             if self._index.knows(ref) or self._try_recover(ref):
                 self._release(ref)
         now = time.monotonic()
+        for run_uid, last in list(self._last_doc_at.items()):
+            # A run gone quiet may have lost its last documents (the stop too) on the wire: its
+            # journal, when there is one, has them.
+            if now - last > self.quiet_fill_s and run_uid not in self._finished:
+                self._last_doc_at[run_uid] = now
+                self._fill_from_log(run_uid, include_stop=True)
         for run_uid, (deadline, doc) in list(self._held_stops.items()):
             if now >= deadline:
+                self._fill_from_log(run_uid)
+                if run_uid not in self._held_stops:
+                    continue
                 self.stats["stops_forced"] += 1
                 log.warning("run %s: its stop counted events that never came (%s); stopping it "
                             "with what arrived", run_uid, self._shortfall(run_uid, doc))
@@ -149,6 +164,10 @@ class DocumentPipeline:
                 self.stats["duplicates"] += 1
                 return
             if self._shortfall(run_uid, doc):
+                # Events were lost on the wire (a proxy restart, a full buffer): the run's
+                # journal has them.
+                self._fill_from_log(run_uid)
+            if self._shortfall(run_uid, doc):
                 # The stop overtook events it counts: hold it until they arrive.
                 self.stats["stops_held"] += 1
                 self._held_stops[run_uid] = (time.monotonic() + self.stop_grace_s, doc)
@@ -162,6 +181,7 @@ class DocumentPipeline:
             seen.add(uid)
         self._index.learn(name, doc, run_uid)
         self._count(name, doc, run_uid)
+        self._last_doc_at[run_uid] = time.monotonic()
         for consumer in self.consumers:
             try:
                 consumer(name, doc)
@@ -205,6 +225,7 @@ class DocumentPipeline:
         self._seen.pop(run_uid, None)
         self._events.pop(run_uid, None)
         self._held_stops.pop(run_uid, None)
+        self._last_doc_at.pop(run_uid, None)
         for uid in [u for u, (r, _) in self._stream_of.items() if r == run_uid]:
             del self._stream_of[uid]
         self._log.summarise(f"run {run_uid}")
@@ -212,6 +233,34 @@ class DocumentPipeline:
         while len(self._finished) > self.keep_finished:
             old, _ = self._finished.popitem(last=False)
             self._index.forget(old)
+
+    def _fill_from_log(self, run_uid: str, *, include_stop: bool = False) -> None:
+        """Deliver what the run's journal or spool holds and this pipeline has not seen."""
+        if self.recovery is None or self._replaying:
+            return
+        docs = self.recovery.find(run_uid) or []
+        before = self.stats["delivered"]
+        stop = None
+        self._replaying = True
+        try:
+            for name, doc in docs:
+                if name == "stop":
+                    stop = doc
+                elif self._index.run_of(name, doc) == run_uid:
+                    self._deliver(name, doc, run_uid)
+        finally:
+            self._replaying = False
+        if include_stop and stop is not None and run_uid not in self._finished:
+            self._deliver("stop", stop, run_uid)
+        filled = self.stats["delivered"] - before
+        if filled:
+            self.stats["filled_from_log"] = self.stats.get("filled_from_log", 0) + filled
+            log.warning("run %s: %d documents lost on the wire were taken from its log", run_uid,
+                        filled)
+        held = self._held_stops.get(run_uid)
+        if held is not None and not self._shortfall(run_uid, held[1]):
+            del self._held_stops[run_uid]
+            self._deliver("stop", held[1], run_uid, force=True)
 
     def _try_recover(self, ref: str) -> bool:
         if self.recovery is None:

@@ -9,6 +9,12 @@ missed the referenced document (a late joiner) knows what to look for.
 from __future__ import annotations
 
 
+def _uid(value: object) -> str | None:
+    """A uid field, or None when it is not a non-empty string (unvalidated input can hold
+    anything, and a list or dict cannot even be a dictionary key)."""
+    return value if isinstance(value, str) and value else None
+
+
 class RunIndex:
     """uid -> run uid links for descriptors and resources, plus the set of known runs."""
 
@@ -22,27 +28,27 @@ class RunIndex:
         if name == "start":
             return None
         if name in ("stop", "descriptor", "stream_resource", "resource"):
-            return doc.get("run_start")
+            return _uid(doc.get("run_start"))
         if name in ("event", "event_page"):
-            return doc.get("descriptor")
+            return _uid(doc.get("descriptor"))
         if name == "stream_datum":
-            return doc.get("descriptor") or doc.get("stream_resource")
+            return _uid(doc.get("descriptor")) or _uid(doc.get("stream_resource"))
         if name in ("datum", "datum_page"):
-            return doc.get("resource")
+            return _uid(doc.get("resource"))
         return None
 
     def run_of(self, name: str, doc: dict) -> str | None:
         """The run uid of a document, or None when it refers to something not seen yet."""
         if name == "start":
-            return doc.get("uid")
+            return _uid(doc.get("uid"))
         ref = self.referenced_uid(name, doc)
         if ref is None:
             return None
         if name in ("stop", "descriptor", "stream_resource", "resource"):
             return ref if ref in self.runs else None
         if name == "stream_datum" and ref not in self._parent:
-            ref = doc.get("stream_resource")
-        return self._parent.get(ref)
+            ref = _uid(doc.get("stream_resource"))
+        return self._parent.get(ref) if ref is not None else None
 
     def learn(self, name: str, doc: dict, run_uid: str) -> None:
         """Record the links a document introduces (call after :meth:`run_of` succeeded)."""

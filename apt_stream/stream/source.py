@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from apt_stream.errors import ConfigError, DocumentError
 from apt_stream.stream.decode import PROBE_NAME, Serializer, decode_message
 from apt_stream.stream.limits import MessageLimits, check_structure
 from apt_stream.stream.paths import file_uri
+from apt_stream.stream.problems import cause_of as message_cause
 from apt_stream.stream.schema import (
     ANGLES_STREAM,
     APT_KEY,
@@ -71,14 +71,10 @@ class SourceStats:
 #: Distinct causes a :class:`CauseLog` tracks before it counts new ones as ``"other"``.
 MAX_CAUSES = 256
 
-_VARIABLE_PARTS = re.compile(r"""b?'[^']*'|b?"[^"]*"|0x[0-9a-fA-F]+|\d+(?:\.\d+)?""")
-
-
 def cause_of(exc: BaseException) -> str:
     """The class of a failure: exception type and message with quoted values and numbers blanked,
     so ``invalid start document (uid 'a1'): ...`` and ``... (uid 'b2'): ...`` are one cause."""
-    text = _VARIABLE_PARTS.sub("…", str(exc)[:400])
-    return f"{type(exc).__name__}: {text[:160]}"
+    return f"{type(exc).__name__}: {message_cause(str(exc)[:400])}"
 
 
 class CauseLog:

@@ -72,7 +72,7 @@ def replay_spool(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
             name, doc = record["name"], record["doc"]
             if not isinstance(name, str) or not isinstance(doc, dict):
                 raise TypeError("name must be a string and doc a mapping")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             if number == len(lines) and not line.endswith("\n"):
                 continue
             log.warning("skipping bad line %d of %s: %s", number, path, exc)
