@@ -134,6 +134,8 @@ class LiveReconstructor:
         self.policy = policy or TriggerPolicy()
         self.max_queued_frames = int(max_queued_frames)
         self.on_run_finished = on_run_finished
+        #: How many finished runs' stats :attr:`run_stats` keeps (the oldest go first).
+        self.keep_run_stats = 1000
         self._problems = ProblemLog(log)
         self._queue: deque = deque()
         self._cond = threading.Condition()
@@ -409,6 +411,8 @@ class LiveReconstructor:
             **run.stats, "status": status, "angles_finished": n_angles,
             "seconds": time.perf_counter() - run.started,
         }
+        while len(self.run_stats) > self.keep_run_stats:  # a listener serves for months
+            self.run_stats.pop(next(iter(self.run_stats)))
 
     def status(self, run_uid: str) -> str | None:
         """The final status of a stopped (or failed) run, None while it runs or if unknown."""
