@@ -49,7 +49,9 @@ class ListenConfig(BaseModel):
     approximant_every_s: float = Field(
         2.0, ge=0, description="least time between Approximant uploads (rows go up every angle)"
     )
-    preview_dir: str | None = Field(None, description="slice-preview PNGs (None: temp dir)")
+    preview_dir: str | None = Field(
+        None, description="slice-preview PNGs (None: a private per-user cache folder)"
+    )
     checkpoint: str | None = Field(None, description="APT network checkpoint (.safetensors)")
     device: str = Field("cpu", description="torch device for the engine and the network")
     n_star: int = Field(29, ge=1, description="N*: finished angles that trigger inference")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
-import ctypes
 import os
 import signal
 import socket
@@ -47,34 +46,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from apt_stream.child_process import die_with_parent_preexec as _die_with_parent_preexec
 from apt_stream.errors import ServiceError
 
 #: Marker in the temporary server's command line (tests and operators can find it by it).
 SERVER_APP = "prefect.server.api.server:create_app"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent_preexec() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when its parent dies (Linux only).
-
-    libc is resolved here, in the parent, so the child only makes the call. If the parent died
-    between ``fork`` and ``prctl`` the child is already orphaned: it exits.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
-
 
 def _free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from apt_stream.child_process import die_with_parent_preexec
 from apt_stream.errors import DocumentError
 
 log = logging.getLogger(__name__)
@@ -238,9 +239,10 @@ class FrameReader:
             ours, theirs = socket.socketpair()
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_MAIN, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                # The child dies with us: it reads until its end of the pair closes.
-                close_fds=True,
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+                # Its own session: a terminal's Ctrl-C is for the listener, which then stops
+                # the reader itself. It dies with us (kill -9 included), even mid-read.
+                start_new_session=True, preexec_fn=die_with_parent_preexec(),
             )
             theirs.close()
             self._conn = Connection(ours.detach())
