@@ -529,3 +529,38 @@ def test_events_lost_on_the_wire_are_taken_from_the_journal_at_the_stop(acquired
         assert pipeline.stats["filled_from_log"] == len(lost)
     finally:
         asm.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_listener_thread_is_visible_and_the_health_file_says_so(tmp_path, monkeypatch):
+    import json
+
+    from apt_stream.plugins.bluesky import start_proxy
+    from apt_stream.stream import Listener
+
+    root = tmp_path / "data"
+    root.mkdir()
+    with start_proxy() as proxy:
+        health = tmp_path / "health.json"
+        listener = Listener(proxy.out_address, emit=lambda m: None, data_roots=[root],
+                            health_file=health, health_every_s=0.05)
+        listener.start()
+        deadline = time.monotonic() + 10
+        while not health.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        state = json.loads(health.read_text())
+        assert state["alive"] is True and listener.alive and listener.heartbeat_age_s() < 5
+
+        class Fatal(BaseException):  # errors are contained; only a BaseException gets through
+            pass
+
+        def crash(*args, **kwargs):
+            raise Fatal("simulated")
+
+        monkeypatch.setattr(listener.pipeline, "retry_orphans", crash)
+        deadline = time.monotonic() + 10
+        while listener.alive and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not listener.alive and type(listener.error).__name__ == "Fatal"
+        assert json.loads(health.read_text())["alive"] is False
+        listener.stop()
