@@ -196,8 +196,10 @@ def test_time_in_tiled_is_measured(publisher, run_uid, scan_id):
          "reserved"),
         (lambda p, uid: p.reconstruction_ready(uid, {"apt": np.ones(SHAPE) * 1j}, final=True),
          "real"),
-        (lambda p, uid: p.run_stopped(uid, "finished"), "unknown run status"),
-        (lambda p, uid: p.update_status(uid, "paused"), "status must be"),
+        (lambda p, uid: p.run_stopped(uid, ""), "status must be"),
+        (lambda p, uid: p.run_stopped(uid, None), "status must be"),
+        (lambda p, uid: p.update_status(uid, " done"), "status must be"),
+        (lambda p, uid: p.update_status(uid, 3), "status must be"),
     ],
 )
 def test_bad_input_names_the_problem(publisher, run_uid, scan_id, call, message):
@@ -244,7 +246,9 @@ def test_tiled_outage_mid_run_goes_to_backup_without_raising(tmp_path, tiled_roo
 
     header = make_header(run_uid, scan_id=scan_id)
     with serve_config(DEPLOY_CONFIG, data_dir=tmp_path / "tiled") as (endpoint, proc):
-        publisher = TiledPublisher(connect(endpoint), backup_dir=tmp_path / "backup")
+        # retry_every_s=None: no automatic replay (tests/test_publish_outage.py covers that).
+        publisher = TiledPublisher(connect(endpoint), backup_dir=tmp_path / "backup",
+                                   retry_every_s=None)
         publisher.run_started(header)
         publisher.angle_finished(run_uid, summary(0, -17.0), np.zeros(SHAPE))
         # The deployed config keeps the angles table in SQLite: it must be readable.

@@ -16,12 +16,17 @@ import numpy as np
 
 from apt_stream.errors import InputError
 
-#: Every status a scan container can hold (``status`` in its metadata).
+#: The statuses a scan container is known to hold (``status`` in its metadata). The publisher
+#: stores any other status text as given, so a new one from the reconstructor needs no change here.
 STATUSES: tuple[str, ...] = (
-    "acquiring", "reconstructing", "done", "failed", "stopped_before_trigger",
+    "acquiring", "reconstructing", "done", "done_with_gaps", "abandoned", "failed",
+    "stopped_before_trigger",
 )
-#: Statuses after which a run is over (the sink's ``run_stopped``).
-FINAL_STATUSES: tuple[str, ...] = ("done", "failed", "stopped_before_trigger")
+#: Statuses after which a run is over (the sink's ``run_stopped``): ``done_with_gaps`` (some
+#: frames missing), ``abandoned`` (no stop document came; closed after an idle time).
+FINAL_STATUSES: tuple[str, ...] = (
+    "done", "done_with_gaps", "abandoned", "failed", "stopped_before_trigger",
+)
 
 #: Columns of the per-angle ``angles`` table, in order, with their Arrow types.
 ANGLE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -141,6 +146,14 @@ def angle_row(summary: Any, *, default_id: int) -> dict[str, Any]:
     }
 
 
+def same_angle(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether two rows of one angle hold the same data (a replay): same ``angle_deg`` and
+    ``frames``. Times and losses may differ between two passes over the same frames."""
+    return float(old["angle_deg"]) == float(new["angle_deg"]) and int(old["frames"]) == int(
+        new["frames"]
+    )
+
+
 def volume_array(volume: Any, *, name: str) -> np.ndarray:
     """A (z, y, x) float32 C-contiguous copy-free-if-possible view of a volume, checked."""
     if hasattr(volume, "volume") and callable(volume.volume):
@@ -175,18 +188,24 @@ def voxel_sizes_m(
     return [float(f"{float(reference_voxel_m) * r / n:.12g}") for r, n in zip(ref, shape_zyx, strict=True)]
 
 
+def check_status(status: Any) -> str:
+    """A status text to store: any non-empty text without surrounding spaces."""
+    if not isinstance(status, str) or not status or status != status.strip():
+        raise InputError(f"status must be non-empty text (e.g. one of {STATUSES}), got {status!r}")
+    return status
+
+
 def resolve_status(status: Any, *, has_final: bool) -> str:
-    """The scan status for ``run_stopped``: one of ours, or bluesky's exit status mapped.
+    """The scan status for ``run_stopped``: ours as given, or bluesky's exit status mapped.
 
     Bluesky's ``success`` and ``abort`` both mean the beam stopped on purpose: the scan is
-    ``done`` if its final reconstruction exists, else ``stopped_before_trigger``.
+    ``done`` if its final reconstruction exists, else ``stopped_before_trigger``; ``fail`` is
+    ``failed``. Any other text (``done_with_gaps``, ``abandoned``, a status added later) is
+    stored as given.
     """
-    if status in STATUSES:
-        return str(status)
+    check_status(status)
     if status in ("success", "abort"):
         return "done" if has_final else "stopped_before_trigger"
     if status == "fail":
         return "failed"
-    raise InputError(
-        f"unknown run status {status!r}; expected one of {STATUSES} or success/abort/fail"
-    )
+    return status

@@ -4,7 +4,10 @@ When Tiled is unreachable the publisher keeps going and writes each call of the 
 ``<backup_dir>/<run_uid>.jsonl`` (one JSON object a line: ``time``, ``call``, ``run_uid``,
 ``args``, ``arrays``, ``error``). Arrays go beside it as ``<backup_dir>/<run_uid>/<name>.npy``,
 overwritten in place: the Approximant and the volumes are full states, so the newest copy is all
-a replay needs. :func:`replay_backup` feeds the log to a publisher once Tiled is back.
+a replay needs. :func:`replay_backup` feeds the log to a publisher once Tiled is back (the
+:class:`~apt_stream.publish.TiledPublisher` does so itself when it notices Tiled answering
+again); a file replayed that way moves to ``<backup_dir>/replayed/<time>/`` with its arrays.
+Replaying is idempotent: a file replayed twice leaves the scan as one replay does.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,10 @@ REPLAYABLE: tuple[str, ...] = (
 )
 
 
+#: Sub-folder of a backup folder that replayed files move to (one folder per replay).
+REPLAYED_DIR = "replayed"
+
+
 def _array_file_name(name: str) -> str:
     # Volume names may be paths ("baselines/fbp"); keep one flat folder per run.
     return name.replace("/", "__") + ".npy"
@@ -47,6 +55,29 @@ class BackupLog:
     def path_for(self, run_uid: str) -> Path:
         """The JSON-lines file of one run."""
         return self.directory / f"{run_uid}.jsonl"
+
+    def files(self) -> list[Path]:
+        """The backup files waiting in the folder (not the replayed ones), sorted by name."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob("*.jsonl") if p.is_file())
+
+    def archive(self, path: str | os.PathLike) -> Path:
+        """Move a replayed file and its arrays to ``replayed/<UTC time>/``; returns its new path.
+
+        Relative array paths in the file still resolve there, so it can be read (and replayed)
+        again.
+        """
+        path = Path(path)
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target_dir = self.directory / REPLAYED_DIR / stamp
+        target_dir.mkdir(parents=True, exist_ok=True)
+        arrays = path.parent / path.stem
+        if arrays.is_dir():
+            shutil.move(str(arrays), str(target_dir / arrays.name))
+        target = target_dir / path.name
+        os.replace(path, target)
+        return target
 
     def record(
         self,
@@ -92,6 +123,8 @@ def read_backup(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise InputError(f"backup file {path} does not exist")
     records = []
+    # The Approximant and volumes are overwritten in place: many records name one file.
+    loaded: dict[str, np.ndarray] = {}
     for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not text.strip():
             continue
@@ -101,10 +134,12 @@ def read_backup(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise InputError(f"{path}:{n} is not JSON: {exc}") from None
         if rec.get("call") not in REPLAYABLE or not isinstance(rec.get("args"), dict):
             raise InputError(f"{path}:{n} is not a publisher call record")
-        rec["arrays"] = {
-            name: np.load(path.parent / rel, allow_pickle=False)
-            for name, rel in (rec.get("arrays") or {}).items()
-        }
+        arrays = {}
+        for name, rel in (rec.get("arrays") or {}).items():
+            if rel not in loaded:
+                loaded[rel] = np.load(path.parent / rel, allow_pickle=False)
+            arrays[name] = loaded[rel]
+        rec["arrays"] = arrays
         records.append(rec)
     return records
 
@@ -112,8 +147,11 @@ def read_backup(path: str | os.PathLike) -> list[dict[str, Any]]:
 def replay_backup(path: str | os.PathLike, publisher: Any) -> int:
     """Send a backup file's calls, in order, to ``publisher``; returns the number sent.
 
-    A directory replays every ``*.jsonl`` in it (sorted by name). Replaying is safe against a
-    scan container that already exists: the publisher reopens it and overwrites its arrays.
+    A directory replays every ``*.jsonl`` in it (sorted by name; not ``replayed/``). Replaying
+    is idempotent with a :class:`~apt_stream.publish.TiledPublisher`: it reopens an existing
+    scan container, keeps one row per angle (angles it has already are skipped), counts
+    ``angles_used`` over all of them and overwrites arrays and metadata, so replaying a file
+    twice, or one whose first calls reached Tiled before the outage, duplicates nothing.
     """
     path = Path(path)
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
@@ -134,6 +172,9 @@ def replay_backup(path: str | os.PathLike, publisher: Any) -> int:
                 method(uid, args["metrics"])
             elif call == "update_status":
                 method(uid, args["status"], **(args.get("metadata") or {}))
+            elif args.get("metadata"):
+                # Extra metadata of the stop (frames_missing, ..., the run's own timings).
+                method(uid, args["status"], metadata=args["metadata"])
             else:
                 method(uid, args["status"])
             sent += 1

@@ -19,8 +19,19 @@ Tiled's client already retries a failed request with exponential backoff and jit
 read when tiled is imported), which rides out a server blip. If a call still fails, the run is
 *degraded*: that call and every later call of the run go to a JSON-lines backup
 (:mod:`apt_stream.publish.backup`) instead of Tiled, so an outage costs at most one retry window
-per run, and :func:`~apt_stream.publish.backup.replay_backup` fills Tiled in afterwards. The
-next run tries Tiled again.
+per run. The publisher then checks every ``retry_every_s`` (one plain request, no retries: a
+refused connection costs nothing) whether Tiled is back, from the next call or, when no call
+comes (the run is over), from a background thread; once it is, it replays the backup into Tiled
+in order and a degraded run that is still going carries on live. Backups of an earlier process
+found in ``backup_dir`` are replayed the same way. A replayed file moves to
+``<backup_dir>/replayed/<time>/``.
+
+Publishing is idempotent per run and angle, so a replay (the listener restarting and replaying
+its spool, the backup replayed twice) never duplicates anything: reopening a scan reads back
+the angle rows it has; an angle published again with the same ``angle_deg`` and ``frames`` is
+skipped (its row stands, the Approximant is not re-uploaded), one whose data changed replaces its
+row (the table is rewritten); ``angles_used`` counts distinct angles. Volumes, metadata and the
+``metrics`` table are overwritten anyway.
 """
 
 from __future__ import annotations
@@ -31,30 +42,36 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from apt_stream import __version__
-from apt_stream.errors import InputError
+from apt_stream.errors import InputError, ServiceError
 from apt_stream.publish._metadata import (
     ANGLE_COLUMNS,
-    STATUSES,
     angle_row,
     check_run_uid,
+    check_status,
     header_metadata,
     json_safe,
     resolve_status,
+    same_angle,
     volume_array,
     voxel_sizes_m,
 )
-from apt_stream.publish.backup import BackupLog
+from apt_stream.publish.backup import BackupLog, replay_backup
 
 log = logging.getLogger(__name__)
 
 DIMS_ZYX = ["z", "y", "x"]
+
+#: Longest wait between two checks for Tiled after replays kept failing.
+_MAX_RETRY_S = 300.0
 
 
 @dataclass
@@ -68,7 +85,8 @@ class _Run:
     node: Any = None
     children: dict[str, Any] = field(default_factory=dict)
     child_metadata: dict[str, dict] = field(default_factory=dict)
-    angles_deg: list[float] = field(default_factory=list)
+    #: angle_id -> its row of the ``angles`` table, in table order (one row per angle).
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     has_final: bool = False
     volumes: set[str] = field(default_factory=set)
     #: The newest Approximant source (engine or array) and when/at how many angles it went up.
@@ -82,6 +100,22 @@ class _Run:
     def elapsed_s(self) -> float:
         return round(time.perf_counter() - self.started, 3)
 
+    @property
+    def angles_used(self) -> int:
+        return len(self.rows)
+
+    def angles_finished_deg(self) -> list[float]:
+        return sorted(row["angle_deg"] for row in self.rows.values())
+
+    def merge_row(self, row: dict[str, Any]) -> str:
+        """Take an angle's row: ``append`` (new angle), ``skip`` (same data again) or
+        ``replace`` (the angle's data changed)."""
+        old = self.rows.get(row["angle_id"])
+        if old is not None and same_angle(old, row):
+            return "skip"
+        self.rows[row["angle_id"]] = row
+        return "append" if old is None else "replace"
+
 
 class TiledPublisher:
     """A :class:`~apt_stream.stream.sink.ReconstructionSink` that writes scans to Tiled.
@@ -91,25 +125,33 @@ class TiledPublisher:
     root
         Tiled container that holds one child container per scan (e.g.
         :func:`~apt_stream.publish.server.connect`'s result). None: start offline (every call
-        to the backup) unless ``reconnect`` succeeds at the next run.
+        to the backup) unless ``reconnect`` succeeds later.
     backup_dir
-        Folder of the JSON-lines backups.
+        Folder of the JSON-lines backups. Backups already in it (an earlier process's) are
+        replayed once Tiled is reachable.
     run_metadata
         Added to every scan's metadata (e.g. ``n_star``, ``theta_star_deg``, ``model_name``,
         ``model_checksum``).
     reconnect
-        Called at ``run_started`` while ``root`` is None; returns a root container or raises.
+        Called while ``root`` is None (at ``run_started`` and when checking for Tiled); returns
+        a root container or raises.
     approximant_every_s
         Least time between two Approximant uploads of a run (0: every angle). Rows of the
         ``angles`` table always go up at once; a skipped Approximant goes up with the next one,
         before any reconstruction and at the run's end. Each upload is one PUT of the whole
         volume plus a metadata PATCH, so on fast angles this bounds Tiled's share of the time.
+    retry_every_s
+        While a backup waits for replay, how often to check whether Tiled is back (doubling,
+        up to 300 s, while replays fail although Tiled answers). None: never replay
+        automatically (use :func:`~apt_stream.publish.backup.replay_backup` or
+        :meth:`replay_pending`).
 
     Notes
     -----
     ``tiled_seconds`` is the wall time spent inside Tiled calls, over ``tiled_ops`` publisher
     operations (for the "Tiled share of wall time" benchmark); ``stats()`` has both. Methods are
-    thread-safe.
+    thread-safe. :meth:`close` stops the background check (a daemon thread, running only while
+    a backup waits).
     """
 
     def __init__(
@@ -120,10 +162,14 @@ class TiledPublisher:
         run_metadata: Mapping[str, Any] | None = None,
         reconnect: Callable[[], Any] | None = None,
         approximant_every_s: float = 0.0,
+        retry_every_s: float | None = 5.0,
     ) -> None:
         if not approximant_every_s >= 0:
             raise InputError(f"approximant_every_s must be >= 0, got {approximant_every_s!r}")
+        if retry_every_s is not None and not retry_every_s > 0:
+            raise InputError(f"retry_every_s must be > 0 or None, got {retry_every_s!r}")
         self.approximant_every_s = float(approximant_every_s)
+        self.retry_every_s = None if retry_every_s is None else float(retry_every_s)
         self.root = root
         self.backup = BackupLog(backup_dir)
         self.run_metadata = json_safe(dict(run_metadata or {}))
@@ -133,8 +179,26 @@ class TiledPublisher:
         #: run uid -> time.time() at which its first APT volume was written to Tiled
         self.apt_readable_at: dict[str, float] = {}
         self.failures = 0
+        #: Backup files replayed into Tiled by this publisher, and the records they held.
+        self.replayed_files = 0
+        self.replayed_records = 0
         self._runs: dict[str, _Run] = {}
         self._lock = threading.RLock()
+        #: A replaying publisher: Tiled errors raise instead of going to a backup.
+        self._strict = False
+        #: run uid -> its backup file, waiting for replay.
+        self._pending: dict[str, Path] = {}
+        self._retry_wait_s = self.retry_every_s or 0.0
+        self._next_retry = time.monotonic()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self._can_retry():
+            for path in self.backup.files():
+                self._pending[path.stem] = path
+            if self._pending:
+                log.info("backups waiting for replay in %s: %s", self.backup.directory,
+                         ", ".join(sorted(self._pending)))
+                self._ensure_thread()
 
     @classmethod
     def from_endpoint(
@@ -145,11 +209,12 @@ class TiledPublisher:
         run_metadata: Mapping[str, Any] | None = None,
         timeout_s: float = 10.0,
         approximant_every_s: float = 0.0,
+        retry_every_s: float | None = 5.0,
     ) -> TiledPublisher:
         """Connect to ``endpoint`` (a :class:`~apt_stream.publish.server.TiledEndpoint`).
 
         An unreachable server is logged, not raised: the publisher starts offline and tries
-        again at the next run.
+        again at the next run (and every ``retry_every_s`` while a backup waits).
         """
         from apt_stream.publish.server import connect
 
@@ -162,41 +227,54 @@ class TiledPublisher:
             log.warning("Tiled not reachable (%s); publishing to the backup in %s", exc, backup_dir)
             root = None
         return cls(root, backup_dir=backup_dir, run_metadata=run_metadata, reconnect=_connect,
-                   approximant_every_s=approximant_every_s)
+                   approximant_every_s=approximant_every_s, retry_every_s=retry_every_s)
 
     # -- the sink protocol ---------------------------------------------------------------------
     def run_started(self, header: Any) -> None:
-        """Create (or reopen) the scan's container with status ``acquiring``."""
+        """Create (or reopen) the scan's container with status ``acquiring``.
+
+        Reopening keeps the scan's angle rows (``angles_used`` counts them) and volumes.
+        """
         md = header_metadata(header)
         with self._lock:
-            run = _Run(uid=md["run_uid"], header=md)
-            self._runs[run.uid] = run
-            run.timings["started_at"] = run.started_at
             if self.root is None and self.reconnect is not None:
                 self._try_reconnect()
+            run = _Run(uid=md["run_uid"], header=md)
+            run.timings["started_at"] = run.started_at
             meta = {
                 **self.run_metadata, **md, "status": "acquiring", "angles_used": 0,
                 "software_version": __version__, "timings": dict(run.timings),
             }
-            self._call(run, "run_started", {"header": md}, lambda: self._open(run, meta))
+            self._start(run, meta)
 
     def angle_finished(self, run_uid: str, summary: Any, approximant: Any) -> None:
-        """Append the angle's row; rewrite the Approximant and bump ``angles_used`` (at most
-        every ``approximant_every_s``).
+        """Add the angle's row (once per angle id); rewrite the Approximant and bump
+        ``angles_used`` (at most every ``approximant_every_s``).
 
-        ``approximant`` is the run's engine (its ``volume()`` is read) or an array.
+        ``approximant`` is the run's engine (its ``volume()`` is read) or an array. An angle
+        published again with the same data is skipped; with other data its row is replaced.
         """
         with self._lock:
             run = self._run(run_uid)
-            row = angle_row(summary, default_id=len(run.angles_deg))
-            run.angles_deg.append(row["angle_deg"])
-            run.timings["last_angle_s"] = run.elapsed_s()
+            row = angle_row(summary, default_id=run.angles_used)
+            action = run.merge_row(row)
             run.pending = approximant
-            due = time.monotonic() - run.uploaded_at >= self.approximant_every_s
+            if action == "skip" and not run.degraded:
+                # Tiled has this angle already (a replay): nothing to write. A degraded run still
+                # records it, so its backup's Approximant stays the newest.
+                log.debug("run %s: angle %s published already; skipped", run.uid, row["angle_id"])
+                return
+            run.timings["last_angle_s"] = run.elapsed_s()
+            due = action != "skip" and (
+                time.monotonic() - run.uploaded_at >= self.approximant_every_s
+            )
             volume = volume_array(approximant, name="approximant") if due else None
 
             def write() -> None:
-                self._append_angle(run, row)
+                if action == "append":
+                    self._append_angle(run, row)
+                elif action == "replace":
+                    self._rewrite_angles(run)
                 if volume is not None:
                     self._upload_approximant(run, volume)
 
@@ -232,7 +310,7 @@ class TiledPublisher:
             meta = {
                 **json_safe(dict(metadata or {})),
                 "volumes": sorted(run.volumes),
-                "final": bool(final),
+                "final": run.has_final,
                 "timings": dict(run.timings),
             }
             if not final:
@@ -241,7 +319,7 @@ class TiledPublisher:
             def write() -> None:
                 for name, arr in arrays.items():
                     self._write_volume(run, name, arr, {"final": bool(final),
-                                                       "angles_used": len(run.angles_deg)})
+                                                       "angles_used": run.angles_used})
                 run.node.update_metadata(metadata=meta)
                 if "apt" in arrays:
                     # Wall clock when the APT volume became readable: the end of the latency.
@@ -251,21 +329,38 @@ class TiledPublisher:
                        {"final": bool(final), "metadata": json_safe(dict(metadata or {}))},
                        write, arrays=arrays)
 
-    def run_stopped(self, run_uid: str, status: str) -> None:
-        """Set the final status (``done`` | ``failed`` | ``stopped_before_trigger``, or bluesky's
-        ``success`` / ``abort`` / ``fail``) and the run's timings; forget the run."""
+    def run_stopped(
+        self,
+        run_uid: str,
+        status: str,
+        metadata: Mapping[str, Any] | None = None,
+        **extra: Any,
+    ) -> None:
+        """Set the final status and the run's timings; forget the run.
+
+        ``status`` is any status text: ours (``done``, ``done_with_gaps``, ``abandoned``,
+        ``failed``, ``stopped_before_trigger``, or one added later, stored as given) or
+        bluesky's ``success`` / ``abort`` / ``fail`` (mapped). ``metadata`` and keyword
+        arguments (e.g. ``frames_missing=3, angles_with_gaps=[4]``) are merged into the scan's
+        metadata; a ``timings`` mapping among them is merged into the run's timings.
+        """
         with self._lock:
             run = self._run(run_uid)
             final_status = resolve_status(status, has_final=run.has_final)
+            given = json_safe({**dict(metadata or {}), **extra})
             self._flush_approximant(run)
             run.timings["total_s"] = run.elapsed_s()
             run.timings["tiled_s"] = round(run.tiled_s, 3)
-            meta = {"status": final_status, "timings": dict(run.timings)}
-            self._call(run, "run_stopped", {"status": final_status},
+            timings = {**run.timings, **(given.pop("timings", None) or {})}
+            meta = {**given, "status": final_status, "timings": timings}
+            self._call(run, "run_stopped",
+                       {"status": final_status, "metadata": {**given, "timings": timings}},
                        lambda: run.node.update_metadata(metadata=meta))
             if run.degraded:
-                log.warning("run %s was published to the backup %s; replay it with "
-                            "apt_stream.publish.replay_backup", run.uid, self.backup.path_for(run.uid))
+                log.warning("run %s was published to the backup %s; it is replayed once Tiled "
+                            "is back%s", run.uid, self.backup.path_for(run.uid),
+                            "" if self._can_retry() else
+                            " (not automatically here: use apt_stream.publish.replay_backup)")
             self._runs.pop(run.uid, None)
 
     # -- beyond the protocol -------------------------------------------------------------------
@@ -299,24 +394,71 @@ class TiledPublisher:
                        arrays={"approximant": volume})
 
     def update_status(self, run_uid: str, status: str, **metadata: Any) -> None:
-        """Set the scan's status (one of :data:`apt_stream.publish.STATUSES`) and
-        merge ``metadata`` into its metadata, e.g. ``reconstructing`` before inference starts."""
-        if status not in STATUSES:
-            raise InputError(f"status must be one of {STATUSES}, got {status!r}")
+        """Set the scan's status (any status text; :data:`apt_stream.publish.STATUSES` are the
+        known ones) and merge ``metadata`` into its metadata, e.g. ``reconstructing`` before
+        inference starts."""
+        check_status(status)
         with self._lock:
             run = self._run(run_uid)
             meta = {**json_safe(metadata), "status": status}
             self._call(run, "update_status", {"status": status, "metadata": json_safe(metadata)},
                        lambda: run.node.update_metadata(metadata=meta))
 
+    def replay_pending(self, *, only: str | None = None) -> int:
+        """Replay the backups waiting for Tiled, if it answers; returns the files replayed.
+
+        The publisher calls this itself (every ``retry_every_s`` while a backup waits); call it
+        to flush them now, e.g. before exiting. A run that starts while an earlier backup of it
+        waits joins that backup, so the two land in order. A file whose replay fails (Tiled
+        answers but refuses a write) stays pending and the checks space out, doubling up to
+        300 s; checks that find Tiled still down keep the interval.
+        """
+        with self._lock:
+            if not self._pending or (only is not None and only not in self._pending):
+                return 0
+        if not self._tiled_answers():
+            # A refused check costs nothing: the next one comes after the usual interval.
+            with self._lock:
+                self._next_retry = time.monotonic() + self._retry_wait_s
+            return 0
+        replayed = 0
+        with self._lock:
+            for uid, path in list(self._pending.items()):
+                if only is not None and uid != only:
+                    continue
+                run = self._runs.get(uid)
+                if run is not None and not run.degraded:
+                    continue
+                if not self._replay_file(path):
+                    self._backoff()
+                    break
+                del self._pending[uid]
+                replayed += 1
+                if run is not None:
+                    self._reattach(run)
+            else:
+                self._retry_wait_s = self.retry_every_s or 0.0
+                self._next_retry = time.monotonic() + self._retry_wait_s
+        return replayed
+
+    def close(self) -> None:
+        """Stop checking for Tiled in the background (backups still waiting stay on disk)."""
+        self._closed.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+
     def stats(self) -> dict[str, Any]:
-        """Time and calls spent in Tiled, failures, backup lines written."""
+        """Time and calls spent in Tiled, failures, backup lines written and replayed."""
         with self._lock:
             return {
                 "tiled_s": round(self.tiled_seconds, 4),
                 "tiled_ops": self.tiled_ops,
                 "failures": self.failures,
                 "backup_records": self.backup.n_records,
+                "pending_backups": sorted(self._pending),
+                "replayed_files": self.replayed_files,
+                "replayed_records": self.replayed_records,
                 "online": self.root is not None,
                 "open_runs": sorted(self._runs),
                 "apt_readable_at": dict(self.apt_readable_at),
@@ -338,10 +480,22 @@ class TiledPublisher:
             # demo's baselines) reopen the existing container: normal, so not a warning.
             log.info("run %s is not open on this publisher; reopening its container", run_uid)
             run = _Run(uid=run_uid, header={"run_uid": run_uid})
-            self._runs[run_uid] = run
-            self._call(run, "run_started", {"header": run.header},
-                       lambda: self._open(run, {"run_uid": run_uid}))
+            self._start(run, {"run_uid": run_uid})
         return run
+
+    def _start(self, run: _Run, meta: dict[str, Any]) -> None:
+        """Open ``run`` (its container, with ``meta``) after any earlier backup of it."""
+        if run.uid in self._pending and self.root is not None:
+            # An earlier backup of this very run lands first, so this run's calls win.
+            self.replay_pending(only=run.uid)
+        self._runs[run.uid] = run
+        if run.uid in self._pending:
+            # That backup is not in Tiled yet: this run's calls go after it, into the same file,
+            # so one replay lands both in order (the newest last).
+            self._to_backup(run, "run_started", {"header": run.header}, None,
+                            "an earlier backup of this run is not replayed yet")
+            return
+        self._call(run, "run_started", {"header": run.header}, lambda: self._open(run, meta))
 
     def _try_reconnect(self) -> None:
         t0 = time.perf_counter()
@@ -365,14 +519,23 @@ class TiledPublisher:
         """Run ``write`` against Tiled, or log the call to the backup when the run is degraded.
 
         ``arrays`` (or a function returning them, so they are only computed when needed) go
-        into the backup with the call.
+        into the backup with the call. Before that, a due check for Tiled replays the backups
+        waiting (and so may bring this run back online).
         """
-        if not run.degraded and self.root is not None and (run.node is not None or call == "run_started"):
+        if (self._pending and not self._strict and self.root is not None
+                and time.monotonic() >= self._next_retry and self.retry_every_s is not None):
+            self.replay_pending()
+        online = not run.degraded and self.root is not None and (
+            run.node is not None or call == "run_started"
+        )
+        if online:
             t0 = time.perf_counter()
             try:
                 write()
                 return
             except Exception as exc:
+                if self._strict:
+                    raise
                 self.failures += 1
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("Tiled %s failed for run %s (%s); this run now goes to the backup %s",
@@ -382,6 +545,8 @@ class TiledPublisher:
                 self.tiled_seconds += dt
                 self.tiled_ops += 1
                 run.tiled_s += dt
+        elif self._strict:
+            raise ServiceError(f"cannot replay {call} of run {run.uid}: its container is not open")
         else:
             error = "Tiled offline" if self.root is None else None
         self._to_backup(run, call, args, arrays, error)
@@ -390,30 +555,130 @@ class TiledPublisher:
         try:
             if not run.degraded:
                 run.degraded = True
+                # Wait a full interval before checking for Tiled: it just failed.
+                self._next_retry = max(self._next_retry, time.monotonic() + self._retry_wait_s)
                 if call != "run_started":
                     # The replay must be able to (re)open the container first.
                     self.backup.record(run.uid, "run_started", {"header": run.header})
-            self.backup.record(run.uid, call, args, error=error,
-                               arrays=arrays() if callable(arrays) else arrays)
+            path = self.backup.record(run.uid, call, args, error=error,
+                                      arrays=arrays() if callable(arrays) else arrays)
         except Exception:
             # Even the backup failing (disk full) must not stop the reconstruction.
             log.exception("could not write the backup of %s for run %s", call, run.uid)
+            return
+        if self._can_retry() and run.uid not in self._pending:
+            self._pending[run.uid] = path
+            self._ensure_thread()
 
+    # -- replaying the backup --------------------------------------------------------------------
+    def _can_retry(self) -> bool:
+        return self.retry_every_s is not None and not self._strict and (
+            self.root is not None or self.reconnect is not None
+        )
+
+    def _backoff(self) -> None:
+        with self._lock:
+            self._retry_wait_s = min(max(self._retry_wait_s * 2, self.retry_every_s or 0.0),
+                                     _MAX_RETRY_S)
+            self._next_retry = time.monotonic() + self._retry_wait_s
+
+    def _tiled_answers(self) -> bool:
+        """One plain request to Tiled (no retries), or a reconnect while offline."""
+        root = self.root
+        if root is None:
+            if self.reconnect is None:
+                return False
+            try:
+                root = self.reconnect()
+            except Exception as exc:
+                log.info("Tiled still not reachable: %s", exc)
+                return False
+            with self._lock:
+                if self.root is None:
+                    self.root = root
+            log.info("Tiled reachable again")
+            return True
+        try:
+            context = root.context
+            response = context.http_client.get(context.api_uri, timeout=5.0)
+        except Exception as exc:
+            log.debug("Tiled not back yet: %s", exc)
+            return False
+        return response.status_code < 500
+
+    def _replay_file(self, path: Path) -> bool:
+        """Replay one backup file through a strict publisher; archive it when all went in."""
+        replayer = TiledPublisher(
+            self.root, backup_dir=self.backup.directory, run_metadata=self.run_metadata,
+            # The backup keeps only the newest Approximant: upload it once, not once per angle.
+            approximant_every_s=math.inf, retry_every_s=None,
+        )
+        replayer._strict = True
+        t0 = time.perf_counter()
+        try:
+            n = replay_backup(path, replayer)
+            for run in list(replayer._runs.values()):
+                # A run still going (no run_stopped in its backup): its Approximant goes up now.
+                replayer._flush_approximant(run)
+        except Exception as exc:
+            log.warning("replaying the backup %s failed (%s: %s); trying again later", path,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return False
+        finally:
+            self.tiled_seconds += time.perf_counter() - t0
+            self.tiled_ops += replayer.tiled_ops
+        for uid, at in replayer.apt_readable_at.items():
+            self.apt_readable_at.setdefault(uid, at)
+        self.replayed_files += 1
+        self.replayed_records += n
+        where = self.backup.archive(path)
+        log.info("replayed the backup of run %s into Tiled (%d calls); moved to %s",
+                 path.stem, n, where)
+        return True
+
+    def _reattach(self, run: _Run) -> None:
+        """A degraded run whose backup is in Tiled now: publish it live again."""
+        run.degraded = False
+        run.node = None
+        run.children.clear()
+        run.child_metadata.clear()
+        try:
+            run.node = self.root[run.uid]
+        except Exception as exc:
+            log.warning("run %s: reopening its container after the replay failed (%s)",
+                        run.uid, exc)
+            self._to_backup(run, "run_started", {"header": run.header}, None,
+                            f"{type(exc).__name__}: {exc}")
+            return
+        # The replay uploaded the backup's Approximant: the newest one this run had.
+        run.uploaded_n = run.angles_used
+        run.uploaded_at = time.monotonic()
+        log.info("run %s publishes to Tiled again", run.uid)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None or self._closed.is_set() or not self._can_retry():
+            return
+        self._thread = threading.Thread(
+            target=_retry_loop, args=(weakref.ref(self),), name="tiled-backup-replay", daemon=True
+        )
+        self._thread.start()
+
+    # -- writing -----------------------------------------------------------------------------------
     def _upload_approximant(self, run: _Run, volume: np.ndarray) -> None:
         self._write_volume(run, "approximant", volume, {})
         meta = {
-            "angles_used": len(run.angles_deg),
-            "angles_finished_deg": sorted(run.angles_deg),
+            "angles_used": run.angles_used,
+            "angles_finished_deg": run.angles_finished_deg(),
             "timings": dict(run.timings),
         }
         # Per-angle progress is not worth a metadata revision each (status changes are).
         run.node.update_metadata(metadata=meta, drop_revision=True)
         run.uploaded_at = time.monotonic()
-        run.uploaded_n = len(run.angles_deg)
+        run.uploaded_n = run.angles_used
 
     def _flush_approximant(self, run: _Run) -> None:
         """Upload an Approximant the throttle held back (nothing when up to date or offline)."""
-        if run.pending is None or run.uploaded_n == len(run.angles_deg) or run.degraded:
+        if run.pending is None or run.uploaded_n == run.angles_used or run.degraded:
             return
         if self.root is not None and run.node is not None:
             self.update_approximant(run.uid, run.pending)
@@ -424,8 +689,35 @@ class TiledPublisher:
         except KeyError:
             run.node = self.root.create_container(key=run.uid, metadata=meta)
             return
+        self._load_existing(run, node)
+        meta = {**meta, "angles_used": run.angles_used,
+                "angles_finished_deg": run.angles_finished_deg()}
         node.update_metadata(metadata=meta)
         run.node = node
+
+    def _load_existing(self, run: _Run, node: Any) -> None:
+        """What a reopened scan already holds: its angle rows, volumes and final flag."""
+        md = dict(node.metadata or {})
+        run.volumes.update(str(v) for v in md.get("volumes") or [])
+        run.has_final = run.has_final or bool(md.get("final"))
+        run.node = node
+        table = self._child(run, "angles")
+        if table is None:
+            return
+        frame = table.read()
+        stored = 0
+        for record in frame.to_dict("records"):
+            stored += 1
+            row = {name: (int if kind == "int64" else float)(record[name])
+                   for name, kind in ANGLE_COLUMNS}
+            run.merge_row(row)
+        # What Tiled shows is built from these rows: no flush needed until a new angle comes.
+        run.uploaded_n = run.angles_used
+        if stored != run.angles_used:
+            # A table from before publishing was idempotent: one row per angle again.
+            log.info("run %s: angles table had %d rows for %d angles; rewriting it", run.uid,
+                     stored, run.angles_used)
+            self._rewrite_angles(run)
 
     def _child(self, run: _Run, key: str) -> Any:
         if key in run.children:
@@ -481,14 +773,61 @@ class TiledPublisher:
         run.children[key] = container.write_array(arr, key=leaf, dims=DIMS_ZYX, metadata=md)
         run.child_metadata[key] = md
 
+    @staticmethod
+    def _angles_schema() -> Any:
+        import pyarrow as pa
+
+        return pa.schema([(name, getattr(pa, kind)()) for name, kind in ANGLE_COLUMNS])
+
     def _append_angle(self, run: _Run, row: dict[str, Any]) -> None:
         import pyarrow as pa
 
         table = self._child(run, "angles")
         if table is None:
-            schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in ANGLE_COLUMNS])
-            table = run.node.create_appendable_table(schema, key="angles")
+            table = run.node.create_appendable_table(self._angles_schema(), key="angles")
             run.children["angles"] = table
         # A pyarrow table, not pandas: a DataFrame would add an index column the schema lacks.
         table.append_partition(0, pa.table({name: [row[name]] for name, _ in ANGLE_COLUMNS}))
 
+    def _rewrite_angles(self, run: _Run) -> None:
+        """The ``angles`` table anew from ``run.rows`` (an appendable table has no update)."""
+        import pyarrow as pa
+
+        old = self._child(run, "angles")
+        if old is not None:
+            old.delete(external_only=False)
+            run.children.pop("angles", None)
+        table = run.node.create_appendable_table(self._angles_schema(), key="angles")
+        run.children["angles"] = table
+        rows = list(run.rows.values())
+        if rows:
+            table.append_partition(
+                0, pa.table({name: [r[name] for r in rows] for name, _ in ANGLE_COLUMNS})
+            )
+
+
+def _retry_loop(ref: weakref.ReferenceType) -> None:
+    """While backups wait: check for Tiled every so often and replay them (daemon thread)."""
+    while True:
+        publisher = ref()
+        if publisher is None:
+            return
+        closed = publisher._closed
+        wait = max(0.05, publisher._next_retry - time.monotonic())
+        del publisher
+        if closed.wait(wait):
+            return
+        publisher = ref()
+        if publisher is None:
+            return
+        try:
+            if time.monotonic() >= publisher._next_retry:
+                publisher.replay_pending()
+        except Exception:
+            log.exception("replaying the Tiled backup failed")
+            publisher._backoff()
+        with publisher._lock:
+            if not publisher._pending or publisher._closed.is_set():
+                publisher._thread = None
+                return
+        del publisher
