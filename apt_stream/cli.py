@@ -374,6 +374,7 @@ def listen(
     SIGINT, 143 after SIGTERM); a graceful stop longer than --stop-grace exits with code 1.
     """
     import threading
+    import time
 
     from apt_stream.flows.prefect_server import (
         ForcedExit,
@@ -422,8 +423,22 @@ def listen(
                     theta_star_deg=theta_star, preview_every=preview_every,
                     max_runs=max_runs, device=device,
                 )
+                def work_done(result: dict) -> None:
+                    # The flow's work is over; if Prefect cannot record its end (its server
+                    # went away), do not hang on it: print the result and leave.
+                    def leave_if_stuck() -> None:
+                        time.sleep(max(stop_grace, 3.0) + 5.0)
+                        if sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__:
+                            _print_json(result)
+                            api.kill()
+                            exit_now(1, "error: Prefect did not record the end of the listen "
+                                        "flow (its server is unreachable); the results above "
+                                        "are complete")
+
+                    threading.Thread(target=leave_if_stuck, daemon=True).start()
+
                 resources = LiveResources(stop=stop, on_ready=lambda _listener: say(
-                    f"ready: listening on {zmq}; Ctrl-C or SIGTERM stops"))
+                    f"ready: listening on {zmq}; Ctrl-C or SIGTERM stops"), on_done=work_done)
                 outcome = run_until_signalled(lambda: listen_flow(config, resources), signals,
                                               grace_s=stop_grace)
                 if outcome.how == "forced":
@@ -434,7 +449,15 @@ def listen(
                     exit_now(1, f"error: the graceful stop took over {stop_grace:g} s; "
                                 "exiting now (runs in flight may be unfinished)")
                 if outcome.how == "raised":
-                    raise outcome.error
+                    from apt_stream.errors import AptStreamError
+
+                    if isinstance(outcome.error, AptStreamError) or not (
+                            sys.stdout is sys.__stdout__ and sys.stderr is sys.__stderr__):
+                        raise outcome.error
+                    # An orchestrator that went away (say): the runs are in Tiled or the backup
+                    # already; Prefect's exit hooks would wait on the dead server for minutes.
+                    api.kill()
+                    exit_now(1, f"error: {type(outcome.error).__name__}: {outcome.error}")
             if outcome.signal is not None:
                 say(f"stopped on {outcome.signal_name}")
             _print_json(outcome.result)

@@ -104,7 +104,8 @@ class LiveResources:
     type name and never a client, a key or a volume.
     """
 
-    __slots__ = ("publisher", "engine_factory", "reconstruct_fn", "truth_fn", "stop", "on_ready")
+    __slots__ = ("publisher", "engine_factory", "reconstruct_fn", "truth_fn", "stop", "on_ready",
+                 "on_done")
 
     def __init__(
         self,
@@ -115,6 +116,7 @@ class LiveResources:
         truth_fn: Callable[[Any], Any] | None = None,
         stop: threading.Event | None = None,
         on_ready: Callable[[Any], None] | None = None,
+        on_done: Callable[[dict], None] | None = None,
     ) -> None:
         self.publisher = publisher
         self.engine_factory = engine_factory
@@ -123,6 +125,9 @@ class LiveResources:
         self.stop = stop
         #: Called with the Listener once it is subscribed (so a caller can start publishing).
         self.on_ready = on_ready
+        #: Called with the flow's result when its work is done, before Prefect records the end
+        #: (a caller can exit even if the Prefect API has gone away).
+        self.on_done = on_done
 
 
 def _stopper(config: ListenConfig, event: threading.Event | None) -> Callable[[], bool]:
@@ -190,7 +195,10 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
     )
     listener: Listener | None = None
 
+    finished_runs: list[str] = []
+
     def run_finished(run_uid: str, status: str) -> None:
+        finished_runs.append(run_uid)
         if listener is not None:
             listener.mark_done(run_uid, status)
 
@@ -226,8 +234,13 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
                          {"run_uid": channel.run_uid, "error": repr(summary)})
 
     def enough() -> bool:
-        with lock:
-            return config.max_runs is not None and len(scans) >= config.max_runs
+        # Counted where the work is done, not by the flows: a scan's flow may be stuck on an
+        # unreachable Prefect API while its run finished without it.
+        if config.max_runs is None or len(finished_runs) < config.max_runs:
+            return False
+        for thread in flows:  # give the flows a moment to write their summaries
+            thread.join(5)
+        return True
 
     try:
         listener.start()
@@ -254,10 +267,13 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
         live.close()
         for thread in flows:
             thread.join(5)
-    return {
+    result = {
         "scans": scans,
         "listener": listener.stats(),
         "live": live.metrics(),
         "runs": dict(live.run_stats),
         "publisher": publisher.stats() if hasattr(publisher, "stats") else None,
     }
+    if res.on_done is not None:
+        res.on_done(result)
+    return result

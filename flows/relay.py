@@ -18,6 +18,7 @@ No Prefect import here: a task is anything callable with the original function a
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -30,6 +31,34 @@ log = logging.getLogger(__name__)
 
 #: The kind of a run's last call; the flow's loop ends after it.
 LAST_KIND = "run_stopped"
+
+#: The call whose task is being run (so its body can say it started: see :func:`body_entered`).
+_CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar("apt_relay_call",
+                                                                     default=None)
+
+
+def body_entered() -> None:
+    """Called first thing by a task's body: from here on, an error is the task's own.
+
+    Before it, an error is the orchestrator's (Prefect's API unreachable, say): the call's work
+    never ran, so the worker runs it itself instead of losing it.
+    """
+    call = _CURRENT.get()
+    if call is not None:
+        call.body_started = True
+
+
+def body_returned(result: Any) -> None:
+    """Called by a task's body with its result: an error raised after this (the orchestrator
+    failing to record the task's end) does not undo the work, whose result is kept."""
+    call = _CURRENT.get()
+    if call is not None:
+        call.body_result, call.body_finished = result, True
+
+
+def _marks_body(task: Callable) -> bool:
+    """Whether the task's body calls :func:`body_entered` (else every error is its own)."""
+    return bool(getattr(plain(task), "marks_body", False))
 
 
 def plain(task: Callable) -> Callable:
@@ -52,6 +81,11 @@ class Call:
         self.info = info
         self.result: Any = None
         self.error: BaseException | None = None
+        #: Set by :func:`body_entered` when the task's own code began, and by
+        #: :func:`body_returned` when it ended (with its result).
+        self.body_started = False
+        self.body_finished = False
+        self.body_result: Any = None
         self.done = threading.Event()
         self._claimed = False
         self._lock = threading.Lock()
@@ -66,11 +100,19 @@ class Call:
 
     def execute(self) -> Any:
         """Run the task here (in the flow: a Prefect task run); keep its result or error."""
+        token = _CURRENT.set(self)
         try:
             self.result = self.task(*self.args, **self.kwargs)
         except Exception as exc:
             self.error = exc
+        finally:
+            _CURRENT.reset(token)
         return self.result
+
+    @property
+    def orchestration_failed(self) -> bool:
+        """The call failed before its task's body ran (its work is still to do)."""
+        return self.error is not None and not self.body_started
 
     def __enter__(self) -> Call:
         return self
@@ -128,6 +170,20 @@ class RunChannel:
                 if self._gave_up() and call.claim():
                     break
         if call.done.is_set():
+            if call.error is not None and call.body_finished and _marks_body(task):
+                log.warning("run %s: %s ran, but the orchestrator failed to record it (%s: %s); "
+                            "the rest of the run goes on without Prefect", self.run_uid, kind,
+                            type(call.error).__name__, call.error)
+                self.close()
+                return call.body_result
+            if call.orchestration_failed and _marks_body(task):
+                # The orchestrator failed around the task, not the task: do the work here and
+                # keep the rest of the run off the orchestrator.
+                log.warning("run %s: %s could not run as a task (%s: %s); running it and the rest "
+                            "of the run without Prefect", self.run_uid, kind,
+                            type(call.error).__name__, call.error)
+                self.close()
+                return plain(task)(*args, **(kwargs or {}))
             if call.error is not None:
                 raise call.error
             return call.result

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from apt_stream.errors import ServiceError
 
-from .relay import RunTasks
+from .relay import RunTasks, body_entered, body_returned
 
 _clock = threading.local()
 log = logging.getLogger(__name__)
@@ -44,12 +44,16 @@ def take_body_seconds() -> tuple[float, float]:
 def _timed(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def body(*args: Any, **kwargs: Any) -> Any:
+        body_entered()
         t0 = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            body_returned(result)
+            return result
         finally:
             _clock.body_s = getattr(_clock, "body_s", 0.0) + time.perf_counter() - t0
 
+    body.marks_body = True  # the relay can tell the orchestrator's failures from the body's
     return body
 
 
