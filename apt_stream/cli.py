@@ -362,6 +362,12 @@ def listen(
     stop_grace: Annotated[
         float, typer.Option(min=0.0, help="Seconds a graceful stop (SIGINT/SIGTERM) may take; then it exits.")
     ] = 3.0,
+    health_file: Annotated[
+        Path | None, typer.Option(help="Liveness JSON rewritten every 5 s (for a supervisor).")
+    ] = None,
+    run_idle_timeout: Annotated[
+        float, typer.Option(min=1.0, help="Close a run with no document for this long (s) as abandoned.")
+    ] = 600.0,
 ) -> None:
     """Serve a beamline: follow its proxy, reconstruct every scan live, publish to Tiled.
 
@@ -422,6 +428,8 @@ def listen(
                     checkpoint=str(checkpoint) if checkpoint else None, n_star=n_star,
                     theta_star_deg=theta_star, preview_every=preview_every,
                     max_runs=max_runs, device=device,
+                    health_file=str(health_file) if health_file else None,
+                    run_idle_timeout_s=run_idle_timeout,
                 )
                 def work_done(result: dict) -> None:
                     # The flow's work is over; if Prefect cannot record its end (its server

@@ -269,6 +269,8 @@ class DocumentPipeline:
         if now - self._last_try.get(ref, -1e9) < self.retry_interval_s:
             return False
         self._last_try[ref] = now
+        if len(self._last_try) > 4 * self.max_orphans:  # refs nobody asks for any more
+            self._last_try = {r: t for r, t in self._last_try.items() if r in self._orphans}
         docs = self.recovery.find(ref)
         if not docs:
             log.info("no run journal or spool knows uid %s yet", ref)

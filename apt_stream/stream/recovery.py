@@ -91,7 +91,11 @@ class RunRecovery:
         def newest_first(paths: list[Path]) -> list[Path]:
             return sorted(paths, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
-        return (newest_first(journals) + newest_first(spools))[: self.max_files]
+        candidates = (newest_first(journals) + newest_first(spools))[: self.max_files]
+        if len(self._headers) > 2 * self.max_files:  # forget files deleted or out of reach
+            keep = set(candidates)
+            self._headers = {p: v for p, v in self._headers.items() if p in keep}
+        return candidates
 
     def _header_uids(self, path: Path) -> frozenset[str]:
         stat = path.stat()
