@@ -41,7 +41,9 @@ from apt_stream.stream.schema import (
     FRAMES_STREAM,
     HDF5_MIMETYPE,
     DataKeyMap,
+    angles_data_keys,
     build_start_metadata,
+    frames_data_keys,
 )
 from apt_stream.stream.source import ZmqDocumentSource
 from apt_stream.stream.validate import validate_document
@@ -86,22 +88,11 @@ def compose_apt_run(root: pathlib.Path, tag: str, *, n_angles: int = 2,
     docs: list[tuple[str, dict]] = [("start", bundle.start_doc)]
     frames = bundle.compose_descriptor(
         name=FRAMES_STREAM, uid=f"desc-frames-{tag}", time=1000.1,
-        data_keys={
-            keys.frames: {"source": "file", "dtype": "array", "shape": [h, w],
-                          "dtype_numpy": "<f4", "external": "STREAM:"},
-            keys.angle_index: {"source": "file", "dtype": "integer", "shape": []},
-            keys.angle_deg: {"source": "file", "dtype": "number", "shape": [], "units": "deg"},
-            keys.position_y_px: {"source": "file", "dtype": "number", "shape": []},
-            keys.position_x_px: {"source": "file", "dtype": "number", "shape": []},
-        },
+        data_keys=frames_data_keys(keys, (h, w)),
     )
     angles = bundle.compose_descriptor(
         name=ANGLES_STREAM, uid=f"desc-angles-{tag}", time=1000.2,
-        data_keys={
-            keys.done_angle_index: {"source": "file", "dtype": "integer", "shape": []},
-            keys.done_angle_deg: {"source": "file", "dtype": "number", "shape": []},
-            keys.done_n_frames: {"source": "file", "dtype": "integer", "shape": []},
-        },
+        data_keys=angles_data_keys(keys),
     )
     docs += [("descriptor", frames.descriptor_doc), ("descriptor", angles.descriptor_doc)]
     resource = bundle.compose_stream_resource(

@@ -24,40 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The small real stand-in for the streaming Approximant, shared with the reconstruct-flow tests.
+from test_flows_reconstruct import ANGLES, FRAME, PATTERN, SHAPE, MeanEngine  # noqa: E402
+from test_flows_reconstruct import double as _double  # noqa: E402
+
 from apt_stream.errors import ConfigError
 from apt_stream.private_dir import private_dir
-
-SHAPE = (8, 16, 16)
-FRAME = (8, 8)
-ANGLES = (-10.0, -5.0, 0.0, 5.0, 10.0)
-PATTERN = np.random.default_rng(11).random(SHAPE).astype(np.float32)
-
-
-class MeanEngine:
-    """A small real stand-in for the streaming Approximant (as in test_flows_reconstruct)."""
-
-    def __init__(self, header):
-        self.sums, self.counts, self.degs, self.finished = {}, {}, {}, {}
-
-    def add_frames(self, angle_id, angle_deg, frames, positions_px):
-        self.sums[angle_id] = self.sums.get(angle_id, 0.0) + float(frames.mean()) * len(frames)
-        self.counts[angle_id] = self.counts.get(angle_id, 0) + len(frames)
-        self.degs[angle_id] = float(angle_deg)
-
-    def finish_angle(self, angle_id):
-        self.finished[angle_id] = self.sums[angle_id] / self.counts[angle_id]
-        return {"angle_id": angle_id, "angle_deg": self.degs[angle_id],
-                "n_frames": self.counts[angle_id], "seconds": 0.01, "loss_pass2": 0.5}
-
-    def volume(self):
-        return PATTERN * float(np.mean(list(self.finished.values())))
-
-    def finished_angles_deg(self):
-        return sorted(self.degs[a] for a in self.finished)
-
-
-def _double(volume, header):
-    return {"apt": volume * 2.0}
 
 
 def _run_one_scan(publisher, run_uid: str, *, preview_dir: str | None):

@@ -56,6 +56,28 @@ class DataKeyMap:
         return cls(**value)
 
 
+def frames_data_keys(keys: DataKeyMap, frame_shape: Sequence[int]) -> dict:
+    """The ``data_keys`` of the frames stream's descriptor (frames external, by StreamDatum)."""
+    h, w = (int(v) for v in frame_shape)
+    return {
+        keys.frames: {"source": "file", "dtype": "array", "shape": [h, w],
+                      "dtype_numpy": "<f4", "external": "STREAM:"},
+        keys.angle_index: {"source": "file", "dtype": "integer", "shape": []},
+        keys.angle_deg: {"source": "file", "dtype": "number", "shape": [], "units": "deg"},
+        keys.position_y_px: {"source": "file", "dtype": "number", "shape": []},
+        keys.position_x_px: {"source": "file", "dtype": "number", "shape": []},
+    }
+
+
+def angles_data_keys(keys: DataKeyMap) -> dict:
+    """The ``data_keys`` of the angles stream's descriptor (one event per finished angle)."""
+    return {
+        keys.done_angle_index: {"source": "file", "dtype": "integer", "shape": []},
+        keys.done_angle_deg: {"source": "file", "dtype": "number", "shape": []},
+        keys.done_n_frames: {"source": "file", "dtype": "integer", "shape": []},
+    }
+
+
 @dataclass(frozen=True)
 class StartInfo:
     """The parsed ``apt_stream`` section of a start document (probe still on disk)."""

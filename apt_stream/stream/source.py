@@ -32,7 +32,9 @@ from apt_stream.stream.schema import (
     FRAMES_STREAM,
     HDF5_MIMETYPE,
     DataKeyMap,
+    angles_data_keys,
     build_start_metadata,
+    frames_data_keys,
 )
 from apt_stream.stream.spool import replay_spool
 from apt_stream.stream.validate import validate_document
@@ -463,24 +465,9 @@ class ScanFileSource:
         )
         yield "start", bundle.start_doc
         frames_desc = bundle.compose_descriptor(
-            name=FRAMES_STREAM,
-            data_keys={
-                keys.frames: {"source": "file", "dtype": "array", "shape": [h, w],
-                              "dtype_numpy": "<f4", "external": "STREAM:"},
-                keys.angle_index: {"source": "file", "dtype": "integer", "shape": []},
-                keys.angle_deg: {"source": "file", "dtype": "number", "shape": [], "units": "deg"},
-                keys.position_y_px: {"source": "file", "dtype": "number", "shape": []},
-                keys.position_x_px: {"source": "file", "dtype": "number", "shape": []},
-            },
+            name=FRAMES_STREAM, data_keys=frames_data_keys(keys, (h, w))
         )
-        angles_desc = bundle.compose_descriptor(
-            name=ANGLES_STREAM,
-            data_keys={
-                keys.done_angle_index: {"source": "file", "dtype": "integer", "shape": []},
-                keys.done_angle_deg: {"source": "file", "dtype": "number", "shape": []},
-                keys.done_n_frames: {"source": "file", "dtype": "integer", "shape": []},
-            },
-        )
+        angles_desc = bundle.compose_descriptor(name=ANGLES_STREAM, data_keys=angles_data_keys(keys))
         yield "descriptor", frames_desc.descriptor_doc
         yield "descriptor", angles_desc.descriptor_doc
         resource = bundle.compose_stream_resource(
