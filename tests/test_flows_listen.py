@@ -163,3 +163,65 @@ def test_model_reconstructor_defaults_to_the_shipped_model(tmp_path):
     assert info["model_checksum"] == read_metadata(DEFAULT_CHECKPOINT)["sha256"]
     with pytest.raises(ModelError, match="does not exist"):
         model_reconstructor(tmp_path / "missing.safetensors")
+
+
+def test_a_run_whose_stop_never_comes_does_not_hold_up_the_next(prefect_harness, tiled_server,
+                                                                tiled_root, tmp_path, checkpoint,
+                                                                monkeypatch):
+    """Each scan's flow runs on its own thread: the first run's stop is lost, the second run
+    still reconstructs at once (it used to wait attach_timeout_s and run outside Prefect)."""
+    import time
+
+    from tiled.queries import Key
+
+    from apt_stream.flows.listen import ListenConfig, LiveResources, listen
+    from apt_stream.plugins.bluesky import (
+        make_publisher,
+        make_run_engine,
+        replay_scan,
+        start_proxy,
+        synthetic_scan,
+    )
+
+    monkeypatch.setenv("APT_STREAM_TILED_URI", tiled_server.uri)
+    monkeypatch.setenv("APT_STREAM_TILED_API_KEY", tiled_server.api_key)
+    scan = synthetic_scan(n_angles=3, frames_per_angle=3, range_deg=10.0, seed=6)
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    published: list[str] = []
+    took: list[float] = []
+
+    with start_proxy() as proxy:
+        def publish_scans(listener) -> None:
+            def run() -> None:
+                publisher = make_publisher(proxy.in_address)
+                RE = make_run_engine()
+                # Run 1 loses its stop on the wire (and its journal is not there to help).
+                published.append(replay_scan(
+                    scan, publisher=lambda name, doc: None if name == "stop" else
+                    publisher(name, doc), run_engine=RE, data_root=runs_dir))
+                for journal in runs_dir.glob("*/documents.jsonl"):
+                    journal.unlink()
+                t0 = time.monotonic()
+                published.append(replay_scan(scan, publisher=publisher, run_engine=RE,
+                                             data_root=runs_dir))
+                took.append(t0)
+            threading.Thread(target=run, daemon=True).start()
+
+        config = ListenConfig(
+            proxy_address=proxy.out_address, data_roots=[str(runs_dir)],
+            spool_dir=str(tmp_path / "spool"), backup_dir=str(tmp_path / "backup"),
+            preview_dir=str(tmp_path / "previews"), checkpoint=str(checkpoint),
+            n_star=3, theta_star_deg=10.0, max_runs=1, max_duration_s=120,
+            attach_timeout_s=30.0,
+        )
+        result = listen(config, LiveResources(on_ready=publish_scans))
+        finished = time.monotonic()
+
+    assert len(published) == 2
+    assert finished - took[0] < 25, finished - took[0]  # not behind a 30 s attach timeout
+    second = tiled_root.search(Key("run_uid") == published[1]).values().first()
+    assert second.metadata["status"] == "done"
+    summary = {s["run_uid"]: s for s in result["scans"]}
+    assert summary[published[1]]["status"] == "done"
+    assert summary[published[1]]["tasks"] > 0  # it ran as Prefect tasks, in its own flow run

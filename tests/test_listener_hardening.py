@@ -564,3 +564,16 @@ def test_a_dead_listener_thread_is_visible_and_the_health_file_says_so(tmp_path,
         assert not listener.alive and type(listener.error).__name__ == "Fatal"
         assert json.loads(health.read_text())["alive"] is False
         listener.stop()
+
+
+def test_documents_for_unknown_runs_are_bounded_in_bytes():
+    seen = []
+    pipeline = DocumentPipeline([lambda name, doc: seen.append(name)],
+                                max_orphan_bytes=8 * 2**20)
+    blob = "x" * 2**20
+    for i in range(150):  # 150 x 1 MB events for descriptors nobody announced
+        pipeline("event", {"uid": f"e{i}", "descriptor": f"d{i % 7}", "time": 1.0,
+                           "seq_num": i, "data": {"blob": blob}, "timestamps": {}})
+    assert pipeline._orphan_bytes <= 8 * 2**20
+    assert pipeline.n_orphans <= 8 and pipeline.stats["orphans_dropped"] >= 142
+    assert seen == []
