@@ -31,6 +31,7 @@ from apt_stream.publish.server import API_KEY_ENV, URI_ENV, TiledEndpoint
 from . import tasks
 from .reconstruct import reconstruct_scan
 from .relay import LiveBridge
+from .state_catchup import StateCatchUp
 
 
 class ListenConfig(BaseModel):
@@ -216,6 +217,7 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
     scans: list[dict] = []
     lock = threading.Lock()
     flows: list[threading.Thread] = []
+    catchup = StateCatchUp().start()
 
     def follow(channel) -> None:
         # One flow run per scan, each on its own thread: a scan whose stop never comes cannot
@@ -226,9 +228,12 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
                 theta_star_deg=config.theta_star_deg, preview_dir=config.preview_dir,
                 truth_fn=res.truth_fn, stop=should_stop, return_state=True,
             )
-            summary = state.result(raise_on_failure=False)
+            final = state.is_final()
+            summary = state.result(raise_on_failure=False) if final else channel.summary
         except Exception as exc:  # the orchestrator failed; the run goes on without it
-            summary = exc
+            final, summary = False, channel.summary if channel.summary is not None else exc
+        if not final:  # Prefect could not record the end: set it when the API is back
+            catchup.add(channel.flow_run_id, summary if isinstance(summary, dict) else None)
         with lock:
             scans.append(summary if isinstance(summary, dict) else
                          {"run_uid": channel.run_uid, "error": repr(summary)})
@@ -267,12 +272,16 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
         live.close()
         for thread in flows:
             thread.join(5)
+        catchup.stop()
+        catchup.try_now()
     result = {
         "scans": scans,
         "listener": listener.stats(),
         "live": live.metrics(),
         "runs": dict(live.run_stats),
         "publisher": publisher.stats() if hasattr(publisher, "stats") else None,
+        "states_caught_up": list(catchup.caught_up),
+        "states_pending": catchup.pending,
     }
     if res.on_done is not None:
         res.on_done(result)

@@ -63,6 +63,15 @@ def _artifact(book: ScanBook, create: Callable, *args: Any, **kwargs: Any) -> An
         book.artifact_s += time.perf_counter() - t0
 
 
+def _flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # no flow run context (called as a plain function)
+        return None
+
+
 def _run_call(book: ScanBook, call: Call) -> None:
     tasks.take_body_seconds()
     t0 = time.perf_counter()
@@ -149,6 +158,7 @@ def reconstruct_scan(
         the scan failed or a task raised.
     """
     log = get_run_logger()
+    channel.flow_run_id = _flow_run_id()
     book = ScanBook(run_uid=run_uid, n_star=n_star, theta_star_deg=theta_star_deg)
     key = artifact_key(run_uid)
     # Never a fixed name in the shared temp dir (another user could plant a symlink there).
@@ -197,6 +207,7 @@ def reconstruct_scan(
     _artifact(book, create_markdown_artifact, book.markdown(tiled_uri=tiled_uri),
               key=f"{key}-summary", description=f"scan {run_uid}")
     summary = book.summary()
+    channel.summary = summary
     log.info("scan %s %s: %d angles, Prefect overhead %.3f s over %d tasks", run_uid,
              book.status, len(book.rows), book.overhead_s, book.n_tasks)
     if book.status == "failed" or book.errors:

@@ -132,7 +132,7 @@ class RunChannel:
     """
 
     __slots__ = ("header", "run_uid", "engine", "publisher", "published", "attach_timeout_s",
-                 "poll_s", "_queue", "_attached", "_closed", "_created")
+                 "poll_s", "flow_run_id", "summary", "_queue", "_attached", "_closed", "_created")
 
     def __init__(self, header: Any, *, attach_timeout_s: float = 30.0, poll_s: float = 0.1) -> None:
         self.header = header
@@ -144,6 +144,10 @@ class RunChannel:
         self.publisher: Any = None
         #: The summary of the last angle the finish-angle task already published.
         self.published: Any = None
+        #: The flow run that took this run, and the summary it ended with (set by the flow): what
+        #: a state catch-up needs when Prefect could not record the end.
+        self.flow_run_id: str | None = None
+        self.summary: dict | None = None
         self.attach_timeout_s = float(attach_timeout_s)
         self.poll_s = float(poll_s)
         self._queue: queue.Queue[Call] = queue.Queue()

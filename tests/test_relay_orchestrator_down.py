@@ -83,3 +83,34 @@ def test_the_bodys_own_error_is_still_raised():
         assert "bad input" in str(exc)
     else:
         raise AssertionError("the task's own error was swallowed")
+
+
+def test_a_flow_runs_end_is_recorded_once_prefect_answers_again(prefect_harness):
+    """The state catch-up against a real Prefect server: while the API is unreachable the state
+    waits (and the probe fails fast); once it answers, the run is set Completed."""
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Running
+
+    from apt_stream.flows.state_catchup import StateCatchUp
+
+    @flow(name="catchup-probe")
+    def probe() -> None: ...
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(probe, state=Running())
+    catchup = StateCatchUp()
+    catchup.add(str(run.id), {"run_uid": "r1", "status": "done"})
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # down
+        t0 = time.monotonic()
+        assert catchup.try_now() == 0
+        assert time.monotonic() - t0 < 5  # not Prefect's minute of retries
+    assert catchup.pending == [str(run.id)]
+    assert catchup.try_now() == 1  # back
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run.id).state
+    assert state.type.value == "COMPLETED" and "after a Prefect outage" in state.message
+    assert catchup.pending == []
