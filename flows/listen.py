@@ -217,7 +217,10 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
     scans: list[dict] = []
     lock = threading.Lock()
     flows: list[threading.Thread] = []
-    catchup = StateCatchUp().start()
+    catchup = StateCatchUp(path=Path(config.spool_dir) / "prefect-states-pending.json"
+                           if config.spool_dir else None)
+    catchup.try_now()  # what an earlier listener could not record
+    catchup.start()
 
     def follow(channel) -> None:
         # One flow run per scan, each on its own thread: a scan whose stop never comes cannot

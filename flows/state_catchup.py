@@ -5,15 +5,19 @@ scan's flow run cannot record its end: in the UI it would stay ``Running`` for e
 flow hands such runs to a :class:`StateCatchUp`, which probes the API cheaply (``/health``, a
 2 s timeout: Prefect's own client retries for about a minute per call) and, once it answers,
 sets each run's final state (Completed, or Failed for a failed scan) with the summary as its
-message.
+message. With a ``path`` the pending states are kept in a JSON file too, so a listener that exits
+before Prefect is back (``--max-runs``, a restart) sets them the next time it starts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -36,10 +40,18 @@ def api_answers(timeout_s: float = 2.0) -> bool:
 class StateCatchUp:
     """Pending final states by flow-run id; :meth:`try_now` sets those it can."""
 
-    def __init__(self, *, retry_every_s: float = 10.0) -> None:
+    def __init__(self, *, retry_every_s: float = 10.0,
+                 path: str | os.PathLike | None = None) -> None:
         self.retry_every_s = float(retry_every_s)
+        self.path = Path(path) if path is not None else None
         self._pending: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        if self.path is not None and self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text())
+                self._pending = {str(k): dict(v) for k, v in loaded.items() if isinstance(v, dict)}
+            except (OSError, ValueError, AttributeError) as exc:
+                log.warning("cannot read pending Prefect states from %s: %s", self.path, exc)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.caught_up: list[str] = []
@@ -53,7 +65,9 @@ class StateCatchUp:
         if not flow_run_id:
             return
         with self._lock:
-            self._pending[flow_run_id] = dict(summary or {})
+            self._pending[flow_run_id] = {k: v for k, v in dict(summary or {}).items()
+                                          if k in ("run_uid", "status", "errors", "angles")}
+            self._save()
         log.warning("flow run %s: Prefect did not record its end; it will be set when the API "
                     "answers again", flow_run_id)
 
@@ -79,9 +93,20 @@ class StateCatchUp:
                     continue
                 with self._lock:
                     self._pending.pop(flow_run_id, None)
+                    self._save()
                 self.caught_up.append(flow_run_id)
                 done += 1
         return done
+
+    def _save(self) -> None:  # with the lock held
+        if self.path is None:
+            return
+        try:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self._pending, default=str))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot save pending Prefect states to %s: %s", self.path, exc)
 
     def start(self) -> StateCatchUp:
         def loop() -> None:

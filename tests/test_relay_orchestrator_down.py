@@ -85,7 +85,7 @@ def test_the_bodys_own_error_is_still_raised():
         raise AssertionError("the task's own error was swallowed")
 
 
-def test_a_flow_runs_end_is_recorded_once_prefect_answers_again(prefect_harness):
+def test_a_flow_runs_end_is_recorded_once_prefect_answers_again(prefect_harness, tmp_path):
     """The state catch-up against a real Prefect server: while the API is unreachable the state
     waits (and the probe fails fast); once it answers, the run is set Completed."""
     import time
@@ -102,8 +102,10 @@ def test_a_flow_runs_end_is_recorded_once_prefect_answers_again(prefect_harness)
 
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(probe, state=Running())
-    catchup = StateCatchUp()
-    catchup.add(str(run.id), {"run_uid": "r1", "status": "done"})
+    path = tmp_path / "pending.json"
+    StateCatchUp(path=path).add(str(run.id), {"run_uid": "r1", "status": "done"})
+    catchup = StateCatchUp(path=path)  # a listener started later picks it up
+    assert catchup.pending == [str(run.id)]
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # down
         t0 = time.monotonic()
         assert catchup.try_now() == 0
@@ -113,4 +115,4 @@ def test_a_flow_runs_end_is_recorded_once_prefect_answers_again(prefect_harness)
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(run.id).state
     assert state.type.value == "COMPLETED" and "after a Prefect outage" in state.message
-    assert catchup.pending == []
+    assert catchup.pending == [] and StateCatchUp(path=path).pending == []
