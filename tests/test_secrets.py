@@ -122,6 +122,9 @@ def test_a_real_publish_leaves_the_key_nowhere(prefect_harness, tmp_path, caplog
     (tmp_path / "shared-tmp" / "apt-stream-previews").symlink_to(trap)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
+    # A second embedded server in this process: tiled's settings (the single-user key) and the
+    # server log handlers are process-wide, so tests that use the session's tiled_server after
+    # this one would see this key. pytest's file order runs them before; keep it that way.
     with local_tiled_server(tmp_path / "tiled", api_key=key) as endpoint:
         # A whole scan through the Prefect flow, publishing with the key.
         run_uid = f"secret-{uuid.uuid4()}"
