@@ -324,6 +324,37 @@ def _finetune(checkpoint, gold, scans, out_dir, epochs, seed, samples) -> None:
 
 
 @app.command()
+def proxy(
+    in_port: Annotated[int, typer.Option(help="Where publishers connect (the RunEngine's Publisher).")] = 5577,
+    out_port: Annotated[int, typer.Option(help="Where listeners subscribe.")] = 5578,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 unless told otherwise.")] = "127.0.0.1",
+) -> None:
+    """Run the 0MQ forwarding proxy between the beamline's Publisher and listeners (Ctrl-C stops).
+
+    Binds loopback by default (``bluesky-0MQ-proxy`` binds every interface); give ``--host`` an
+    interface address to serve other machines, behind a firewall.
+    """
+    with _errors():
+        import signal
+        import threading
+
+        from apt_stream.plugins.bluesky import start_proxy
+
+        running = start_proxy(host=host, in_port=in_port, out_port=out_port)
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        console.print(f"proxy: publishers -> {running.in_address}, listeners <- "
+                      f"{running.out_address}; Ctrl-C stops")
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            running.stop()
+        console.print("proxy stopped")
+
+
+@app.command()
 def replay(
     scan_path: Annotated[Path, typer.Argument(help="Scan file to publish.")],
     zmq: Annotated[str, typer.Option("--zmq", help="0MQ proxy input, e.g. tcp://127.0.0.1:5577.")],

@@ -315,3 +315,33 @@ def test_a_signal_before_the_flow_starts_aborts_at_once():
         _signal_later(0.1, sig=signal.SIGTERM)
         time.sleep(5)  # e.g. slow imports while the Prefect server boots
     assert stop.is_set()
+
+
+def test_the_proxy_command_binds_loopback_and_stops_on_sigint(tmp_path):
+    import socket as socket_
+    import subprocess
+    import sys
+
+    ports = []
+    for _ in range(2):
+        with socket_.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apt_stream.cli", "proxy", "--in-port", str(ports[0]),
+         "--out-port", str(ports[1])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stderr.readline()  # status lines go to stderr
+        assert f"tcp://127.0.0.1:{ports[0]}" in line, line
+        listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        local = {row.split()[1] for row in listening if row.split()[3] == "0A"}  # LISTEN
+        for port in ports:
+            assert f"0100007F:{port:04X}" in local  # 127.0.0.1, not 0.0.0.0
+            assert f"00000000:{port:04X}" not in local
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and "proxy stopped" in err and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
