@@ -104,12 +104,7 @@ def feed(asm, docs, *, drain=True):
         assert asm.drain(timeout_s=20)
 
 
-def with_uri(docs, uri):
-    out = copy.deepcopy(docs)
-    for name, doc in out:
-        if name == "stream_resource":
-            doc["uri"] = uri
-    return out
+from test_stream_assembler import _with_uri as with_uri  # noqa: E402  (one rewriter of URIs)
 
 
 def frames_file(acquired):
