@@ -38,7 +38,11 @@ def apt_volume(
     model, approximant: np.ndarray, *, device: str = "cpu", dtype: str = "float32",
     progress: Callable | None = None,
 ) -> np.ndarray:
-    """Run the APT network over a whole Approximant by stitched patches (δ units if calibrated)."""
+    """Run the APT network over a whole input by stitched patches (δ units if calibrated).
+
+    ``approximant`` is (Z, Y, X), or (C, Z, Y, X) as :func:`apt_stream.model.inputs.network_input`
+    builds it for models that read more than the Approximant.
+    """
     from apt_stream.model.inference import predict_volume
 
     return predict_volume(model, approximant, device=device, dtype=dtype, progress=progress)
@@ -54,6 +58,7 @@ def dc_sweeps(model) -> int:
 
 def apt_volumes(
     model, approximant: np.ndarray, *, projections: tuple[np.ndarray, np.ndarray] | None = None,
+    input_projections: tuple[np.ndarray, np.ndarray] | None = None,
     device: str = "cpu", dtype: str = "float32", progress: Callable | None = None,
 ) -> dict[str, np.ndarray]:
     """``{"apt": data-consistent volume, "apt-raw": network output}`` (``apt`` only without data).
@@ -62,10 +67,14 @@ def apt_volumes(
     engine's ``projections()``); the network's volume is then pulled towards them by a few SART
     sweeps (:func:`apt_stream.physics.consistency.enforce_projections`, with the sweeps the model's
     ``io_config["data_consistency"]`` names, else the module defaults).
+    ``input_projections`` (default ``projections``) are what a physics-in-the-loop model reads
+    (``engine.projections(refined=False)``: the Approximant's own iterations, as in training).
     """
+    from apt_stream.model.inputs import network_input
     from apt_stream.physics.consistency import DC_RELAXATION, enforce_projections
 
-    raw = apt_volume(model, approximant, device=device, dtype=dtype, progress=progress)
+    inputs = network_input(model, approximant, input_projections or projections, device=device)
+    raw = apt_volume(model, inputs, device=device, dtype=dtype, progress=progress)
     n_iter = dc_sweeps(model)
     # The shipped model records 0 sweeps: measured, the sweeps lowered PCC (docs/results.md).
     if projections is None or len(projections[0]) == 0 or n_iter == 0:
@@ -168,7 +177,8 @@ def reconstruct_scan(
     approximant = engine.volume()
     t0 = time.perf_counter()
     with progress_context(progress_factory, "APT network + data consistency") as update:
-        apt = apt_volumes(model, approximant, projections=engine.projections(), device=device,
+        apt = apt_volumes(model, approximant, projections=engine.projections(),
+                          input_projections=engine.projections(refined=False), device=device,
                           progress=update)
     timings = {"approximant_s": t_apx, "network_s": time.perf_counter() - t0}
     volumes = {"approximant": approximant, **apt}

@@ -330,10 +330,11 @@ class LiveBridge:
         channel.engine = self._engine_factory(header)
         return RelayedEngine(channel.engine, channel, self.tasks.finish_angle)
 
-    def reconstruct_fn(self, volume: Any, header: Any, projections: Any = None) -> Any:
+    def reconstruct_fn(self, volume: Any, header: Any, projections: Any = None,
+                       input_projections: Any = None) -> Any:
         args = (self._reconstruct_fn, volume, header)
-        if projections is not None:  # only data-consistent reconstructions need them
-            args = (*args, projections)
+        if projections is not None:  # data consistency and physics-in-the-loop models need them
+            args = (*args, projections, input_projections)
         return self._channel(header.run_uid).submit("reconstruct", self.tasks.reconstruct, args)
 
     # -- the sink protocol -----------------------------------------------------------------------

@@ -100,13 +100,16 @@ def publish_angle(publisher: Any, run_uid: str, summary: Any, approximant: Any) 
 
 @task(name="reconstruct", **_COMMON)
 @_timed
-def reconstruct(reconstruct_fn: Callable, volume: Any, header: Any, projections: Any = None) -> dict:
+def reconstruct(reconstruct_fn: Callable, volume: Any, header: Any, projections: Any = None,
+                input_projections: Any = None) -> dict:
     """The APT network (+ data consistency when given projections) on the Approximant."""
     from apt_stream.stream.live import accepts_projections
 
-    if projections is not None and accepts_projections(reconstruct_fn):
-        return reconstruct_fn(volume, header, projections=projections)
-    return reconstruct_fn(volume, header)
+    if projections is None or not accepts_projections(reconstruct_fn):
+        return reconstruct_fn(volume, header)
+    if input_projections is not None and accepts_projections(reconstruct_fn, "input_projections"):
+        return reconstruct_fn(volume, header, projections=projections, input_projections=input_projections)
+    return reconstruct_fn(volume, header, projections=projections)
 
 
 @task(name="publish-volumes", **_TILED)

@@ -55,8 +55,9 @@ def model_reconstructor(
     path = Path(checkpoint)
     model, meta = load_checkpoint(path, map_location=device)
 
-    def reconstruct(volume: Any, header: Any, projections: Any = None) -> dict:
-        return apt_volumes(model, volume, projections=projections, device=device)
+    def reconstruct(volume: Any, header: Any, projections: Any = None, input_projections: Any = None) -> dict:
+        return apt_volumes(model, volume, projections=projections, input_projections=input_projections,
+                           device=device)
 
     weights = path.with_name(meta["weights_file"]) if meta.get("weights_file") else path
     info = {

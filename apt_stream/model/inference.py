@@ -40,8 +40,8 @@ def _as_volume(volume: Any) -> np.ndarray:
     if isinstance(volume, torch.Tensor):
         volume = volume.detach().to("cpu").numpy()
     arr = np.asarray(volume)
-    if arr.ndim != 3:
-        raise InputError(f"volume must be 3-D (Z, Y, X), got shape {arr.shape}")
+    if arr.ndim not in (3, 4):
+        raise InputError(f"volume must be 3-D (Z, Y, X) or 4-D (C, Z, Y, X) channels, got shape {arr.shape}")
     if min(arr.shape) < 1:
         raise InputError(f"volume has an empty axis: shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
@@ -287,24 +287,29 @@ def _stitch(
         normalize = mode in ("standardize", "rms")
     # "rms": divide by the volume's RMS and multiply the output back (scale-free in, physical
     # units out: f(c·x) = c·f(x), so a vacuum input, whose RMS is noise, stays near zero).
+    # Channels: (C, Z, Y, X); a plain (Z, Y, X) volume is one channel.
+    vol = vol[None] if vol.ndim == 3 else vol
+    n_in = int(getattr(getattr(model, "config", None), "in_channels", vol.shape[0]))
+    if vol.shape[0] != n_in:
+        raise InputError(f"the model reads {n_in} input channel(s), got {vol.shape[0]}")
     out_scale = 1.0
     if normalize and mode == "rms":
-        rms = float(np.sqrt(np.mean(np.square(vol, dtype=np.float64))))
-        out_scale = rms if rms > 0 else 1.0
-        vol = (vol / out_scale).astype(np.float32, copy=False)
+        # Each channel by its own RMS; channel 0 (the Approximant) sets the output's scale.
+        rms = [_rms(c) for c in vol]
+        out_scale = rms[0]
+        vol = (vol / np.asarray(rms, np.float32)[:, None, None, None]).astype(np.float32, copy=False)
     elif normalize:
-        std = float(vol.std())
         # A constant volume carries no structure; centring alone avoids dividing by zero.
-        vol = (vol - float(vol.mean())) / (std if std > 0 else 1.0)
-        vol = vol.astype(np.float32, copy=False)
+        std = np.array([float(c.std()) or 1.0 for c in vol], np.float32)[:, None, None, None]
+        vol = ((vol - vol.mean(axis=(1, 2, 3), keepdims=True)) / std).astype(np.float32, copy=False)
 
-    nz, ny, nx = vol.shape
+    _, nz, ny, nx = vol.shape
     py, px = patch
     sy, sx = max(1, round(py * (1 - overlap))), max(1, round(px * (1 - overlap)))
     starts_y, y0, y1 = tile_starts(ny, py, sy, (py - sy) // 2)
     starts_x, x0, x1 = tile_starts(nx, px, sx, (px - sx) // 2)
     z1 = (-nz) % depth_multiple
-    padded = _pad(vol, [(0, z1), (y0, y1), (x0, x1)])
+    padded = np.stack([_pad(c, [(0, z1), (y0, y1), (x0, x1)]) for c in vol])
     tiles = [(ty, tx) for ty in starts_y for tx in starts_x]
 
     up = getattr(model, "upsample_xy", None)
@@ -315,19 +320,19 @@ def _stitch(
     try:
         for b0 in range(0, len(tiles), batch_size):
             chunk = tiles[b0 : b0 + batch_size]
-            batch = np.stack([padded[None, :, ty : ty + py, tx : tx + px] for ty, tx in chunk])
+            batch = np.stack([padded[:, :, ty : ty + py, tx : tx + px] for ty, tx in chunk])
             out = runner(batch)
             if out.ndim != 5 or out.shape[1] != 1:
                 raise InputError(f"model output must be (B, 1, Z, Y, X), got {tuple(out.shape)}")
             if up is None:
                 up = out.shape[-1] // px
-            if up < 1 or out.shape[2:] != (padded.shape[0], py * up, px * up):
+            if up < 1 or out.shape[2:] != (padded.shape[1], py * up, px * up):
                 raise InputError(
                     f"model output {tuple(out.shape)} does not match input patch "
-                    f"{(padded.shape[0], py, px)} times the lateral upsampling {up}"
+                    f"{(padded.shape[1], py, px)} times the lateral upsampling {up}"
                 )
             if acc is None:
-                acc = np.zeros((padded.shape[0], padded.shape[1] * up, padded.shape[2] * up), np.float32)
+                acc = np.zeros((padded.shape[1], padded.shape[2] * up, padded.shape[3] * up), np.float32)
                 wsum = np.zeros(acc.shape[1:], np.float64)
                 window = np.outer(hann_window(py * up), hann_window(px * up))
                 window_t = torch.from_numpy(window.astype(np.float32))
@@ -349,6 +354,11 @@ def _stitch(
     if out_scale != 1.0:
         result = result * np.float32(out_scale)
     return np.ascontiguousarray(result, dtype=np.float32)
+
+
+def _rms(v: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(v, dtype=np.float64))))
+    return rms if rms > 0 else 1.0
 
 
 def _progress_callback(progress: ProgressFn | bool | None, total: int) -> Callable[[int | None], None]:

@@ -497,6 +497,9 @@ class AngleSummary:
     #: line integral of δ along the beam (voxel units) over the sample rows, (ny, Nx): the
     #: projection classical tomography (FBP/SIRT/SART) reconstructs from
     projection: np.ndarray | None = field(default=None, repr=False)
+    #: the same line integral from the Approximant's own iterations (what a physics-in-the-loop
+    #: network reads: training banks hold these, so live inference matches training)
+    input_projection: np.ndarray | None = field(default=None, repr=False)
     slices: torch.Tensor | None = field(default=None, repr=False)
     #: per-slab δ estimates after offset removal (L, Ny, Nx), kept with ``keep_slices``
     delta: torch.Tensor | None = field(default=None, repr=False)
@@ -591,8 +594,13 @@ class StreamingApproximant:
         else:
             delta_for_projection = delta
         row0 = int(np.asarray(g.probe).shape[-2]) // 2
-        rows = delta_for_projection[:, row0 : row0 + g.volume_shape_zyx[1], :]
-        projection = (rows.sum(dim=0) * (state.slice_spacing_m / g.voxel_size_m)).cpu().numpy()
+
+        def line_integral(d: torch.Tensor) -> np.ndarray:
+            rows = d[:, row0 : row0 + g.volume_shape_zyx[1], :]
+            return (rows.sum(dim=0) * (state.slice_spacing_m / g.voxel_size_m)).cpu().numpy().astype(np.float32)
+
+        projection = line_integral(delta_for_projection)
+        input_projection = projection if delta_for_projection is delta else line_integral(delta)
         summary = AngleSummary(
             angle_id=angle_id,
             angle_deg=self._angle_deg[angle_id],
@@ -600,7 +608,8 @@ class StreamingApproximant:
             seconds=state.compute_seconds + (time.perf_counter() - t0),
             loss_pass1=self._first_loss.get(angle_id, float("nan")),
             loss_pass2=state.losses[-1],
-            projection=projection.astype(np.float32),
+            projection=projection,
+            input_projection=input_projection,
             slices=slices if self.keep_slices else None,
             delta=delta.clone() if self.keep_slices else None,
         )
@@ -618,12 +627,17 @@ class StreamingApproximant:
     def pending_angles(self) -> list[int]:
         return sorted(self._states)
 
-    def projections(self) -> tuple[np.ndarray, np.ndarray]:
-        """(angles_deg (N,), projections (N, ny, Nx)) of the finished angles, sorted by angle."""
+    def projections(self, *, refined: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(angles_deg (N,), projections (N, ny, Nx)) of the finished angles, sorted by angle.
+
+        ``refined``: after ``projection_iterations`` (classical baselines, data consistency);
+        otherwise from the Approximant's own iterations (the network's SART input channel).
+        """
         items = sorted(self.summaries.values(), key=lambda s: s.angle_deg)
+        key = "projection" if refined else "input_projection"
         return (
             np.array([s.angle_deg for s in items]),
-            np.stack([s.projection for s in items]) if items else np.zeros((0, 0, 0), np.float32),
+            np.stack([getattr(s, key) for s in items]) if items else np.zeros((0, 0, 0), np.float32),
         )
 
 

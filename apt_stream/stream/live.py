@@ -41,15 +41,15 @@ def accepts_keyword(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def accepts_projections(fn: Callable) -> bool:
-    """Whether ``fn`` takes a ``projections`` keyword (the engine's (angles, projections))."""
+def accepts_projections(fn: Callable, keyword: str = "projections") -> bool:
+    """Whether ``fn`` takes a ``projections`` (or ``keyword``) keyword: the engine's (angles, projections)."""
     import inspect
 
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "projections" in params
+    return keyword in params
 
 
 class StreamingEngine(Protocol):
@@ -344,6 +344,9 @@ class LiveReconstructor:
         # them (a `projections` keyword) get them, so simple reconstruct_fn(volume, header) work.
         if accepts_projections(self.reconstruct_fn) and hasattr(run.engine, "projections"):
             extra["projections"] = run.engine.projections()
+            # A physics-in-the-loop network reads the Approximant-iteration projections, as trained.
+            if accepts_projections(self.reconstruct_fn, "input_projections"):
+                extra["input_projections"] = run.engine.projections(refined=False)
         volumes = self.reconstruct_fn(run.engine.volume(), run.header, **extra)
         if not isinstance(volumes, dict):
             raise ConfigError(f"reconstruct_fn must return a dict of volumes, got {type(volumes)}")
