@@ -303,7 +303,7 @@ def train(
             )
         _, result = train_general_model(
             files, out_dir=out_dir, preset=preset, epochs=epochs,
-            samples_per_epoch=samples_per_epoch, resume=resume, seed=seed,
+            samples_per_epoch=samples_per_epoch, resume=resume, seed=seed, jobs=jobs,
         )
         _print_json({
             "best": str(result.best_path), "best_epoch": result.best_epoch,

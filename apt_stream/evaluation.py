@@ -36,12 +36,22 @@ class AngleBank:
     scan: object
     deltas: dict[int, object]  # angle index -> (L, Ny, Nx) δ slabs after 2 iterations
     projections: dict[int, np.ndarray]  # angle index -> (ny, Nx) from GOLD_ITERATIONS
+    #: angle index -> (ny, Nx) from the Approximant's two iterations (the network's input)
+    input_projections: dict[int, np.ndarray] = field(default_factory=dict)
 
-    def projection_set(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(angles, projections) sorted by angle: what the live engine hands data consistency."""
+    def projection_set(self, indices: Sequence[int], *, refined: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(angles, projections) sorted by angle, as the live engine's ``projections(refined=)``."""
+        source = self.projections if refined else self.input_projections
         order = sorted(indices, key=lambda n: self.scan.angles_deg[n])
         return (np.array([self.scan.angles_deg[n] for n in order]),
-                np.stack([self.projections[n] for n in order]))
+                np.stack([source[n] for n in order]))
+
+    def apt(self, model, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """``apt_volumes`` of the angles ``indices``, fed as the live pipeline feeds it."""
+        from apt_stream.reconstruct import apt_volumes
+
+        return apt_volumes(model, self.approximant(indices), projections=self.projection_set(indices),
+                           input_projections=self.projection_set(indices, refined=False))
 
     def approximant(self, indices: Sequence[int]) -> np.ndarray:
         from apt_stream.physics.engine import ApproximantAccumulator
@@ -74,6 +84,7 @@ def bank_of(scan, *, progress: Callable | None = None, iterations: int = GOLD_IT
         scan=scan,
         deltas={n: s.delta for n, s in engine.summaries.items()},
         projections={n: s.projection for n, s in engine.summaries.items()},
+        input_projections={n: s.input_projection for n, s in engine.summaries.items()},
     )
 
 
@@ -118,7 +129,7 @@ def evaluate_phantom(
     ``seed``); the gold scan is ``gold_setting`` (default the preset's gold scan), the N* scan is
     simulated at (N*, ±θ*) itself, and the N sweep takes subsets of it.
     """
-    from apt_stream.reconstruct import apt_volumes, match_to, score
+    from apt_stream.reconstruct import match_to, score
 
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
@@ -134,8 +145,7 @@ def evaluate_phantom(
     star_bank = bank_of(make(n_star, theta_star))
     star = list(range(star_bank.scan.n_angles))
     approximant = star_bank.approximant(star)
-    volumes = {"approximant": approximant,
-               **apt_volumes(model, approximant, projections=star_bank.projection_set(star))}
+    volumes = {"approximant": approximant, **star_bank.apt(model, star)}
     volumes.update(star_bank.baselines(star))
     volumes["gold (SART, all angles)"] = gold
     main = score(volumes, truth, exclude_z=exclude_z)
@@ -189,11 +199,9 @@ def input_response(
     the sample's true δ RMS, and the PCC of the flipped chip's volume with the flipped volume.
     """
     from apt_stream.metrics import pcc
-    from apt_stream.reconstruct import apt_volumes
 
     def run(bank: AngleBank) -> dict[str, np.ndarray]:
-        idx = list(range(bank.scan.n_angles))
-        return apt_volumes(model, bank.approximant(idx), projections=bank.projection_set(idx))
+        return bank.apt(model, list(range(bank.scan.n_angles)))
 
     sample_bank = bank_of(make(n_star, theta_star))
     sample = run(sample_bank)
@@ -216,9 +224,9 @@ def _metal_threshold(gold: np.ndarray, truth) -> float:
 
 
 def _sweep_scores(model, bank: AngleBank, idx, truth, exclude_z=None) -> dict:
-    from apt_stream.reconstruct import apt_volumes, score
+    from apt_stream.reconstruct import score
 
-    vols = apt_volumes(model, bank.approximant(idx), projections=bank.projection_set(idx))
+    vols = bank.apt(model, idx)
     vols.update(bank.baselines(idx, which=("sart",)))
     s = score(vols, truth, exclude_z=exclude_z)
     return {f"{method}_{k}": v for method, m in s.items() for k, v in m.items()}

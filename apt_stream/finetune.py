@@ -20,6 +20,8 @@ from apt_stream.errors import InputError
 
 #: Fine-tuning learning rate: a tenth of the paper's, so the general prior is adjusted, not erased.
 FINETUNE_LR = 2e-5
+#: Angle settings (SART input volumes) per bank for physics-in-the-loop models: few banks here.
+FINETUNE_SETS_PER_BANK = 16
 
 
 def gold_label(scan, *, iterations: int = 10, sart_iterations: int = 10) -> tuple[np.ndarray, Any]:
@@ -67,6 +69,7 @@ def finetune_on_gold(
     """
     from apt_stream.io import read_scan
     from apt_stream.model.checkpoint import load_checkpoint
+    from apt_stream.model.inputs import model_inputs
     from apt_stream.model.train import evaluate, train
     from apt_stream.random_angles import AngleSampling, RandomAngleDataset
 
@@ -81,9 +84,11 @@ def finetune_on_gold(
     top = float(np.abs(gold.angles_deg).max())
     sampling = AngleSampling(n_angles=n_angles, range_deg=(min(range_deg[0], top), min(range_deg[1], top)),
                              default_probability=0.5)
-    train_ds = RandomAngleDataset(banks, patch_xy=patch, samples_per_epoch=samples_per_epoch, sampling=sampling)
+    inputs = {"inputs": model_inputs(model), "sets_per_bank": FINETUNE_SETS_PER_BANK}
+    train_ds = RandomAngleDataset(banks, patch_xy=patch, samples_per_epoch=samples_per_epoch, sampling=sampling,
+                                  **inputs)
     val_ds = RandomAngleDataset(banks[:1], patch_xy=patch, samples_per_epoch=48, sampling=sampling,
-                                fixed_seed=777)
+                                fixed_seed=777, **inputs)
     before = evaluate(model, val_ds)["pcc"]
     result = train(
         model, train_ds, val_ds, epochs=epochs, out_dir=out_dir, seed=seed, progress=progress,

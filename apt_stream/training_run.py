@@ -16,6 +16,22 @@ from typing import Any
 
 from apt_stream.angle_bank import bank_seeds, build_banks, load_banks
 
+#: What the shipped model reads: the Approximant and a SART volume of the same angles.
+DEFAULT_INPUTS = ("approximant", "sart")
+
+
+def _sets_progress(progress: Any) -> Callable[[str], Callable[[int, int], None] | None]:
+    """A per-split printer for the SART-set precomputation (None when progress is off)."""
+    if not progress:
+        return lambda split: None
+
+    def make(split: str):
+        def report(done: int, total: int) -> None:
+            if done == total or done % 8 == 0:
+                print(f"SART input volumes ({split}): {done}/{total} banks", flush=True)
+        return report
+    return make
+
 
 def bank_files(folder: str | Path) -> list[Path]:
     """The bank files of a training folder (one per worker process that wrote there)."""
@@ -99,18 +115,30 @@ def train_general_model(
     resume: bool = False,
     seed: int = 0,
     progress: Any = True,
+    inputs: tuple[str, ...] = DEFAULT_INPUTS,
+    sets_per_bank: int = 8,
+    jobs: int = 2,
 ):
-    """Train the network on random angle sets from the banks (NPCC, Adam, poly LR, batch 4)."""
+    """Train the network on random angle sets from the banks (NPCC, Adam, poly LR, batch 4).
+
+    ``inputs`` are the channels the network reads (apt_stream.model.inputs); with a SART channel
+    each bank's ``sets_per_bank`` SART volumes are computed first by ``jobs`` processes and cached
+    in ``<first bank folder>/input-sets``.
+    """
     from apt_stream.model.presets import create_model
     from apt_stream.model.train import train
     from apt_stream.random_angles import RandomAngleDataset
 
-    model = create_model(preset)
+    model = create_model(preset, in_channels=len(inputs))
     patch = int(model.config.input_zyx[1])
-    train_ds = RandomAngleDataset(load_banks(bank_paths, split="train"), patch_xy=patch,
-                                  samples_per_epoch=samples_per_epoch)
-    val_ds = RandomAngleDataset(load_banks(bank_paths, split="val"), patch_xy=patch,
-                                samples_per_epoch=val_samples, fixed_seed=12_345)
+    cache = Path(bank_paths[0]).parent / "input-sets" if bank_paths else None
+    say = _sets_progress(progress)
+    common = {"patch_xy": patch, "inputs": inputs, "sets_per_bank": sets_per_bank, "jobs": jobs,
+              "cache_dir": cache}
+    train_ds = RandomAngleDataset(load_banks(bank_paths, split="train"), samples_per_epoch=samples_per_epoch,
+                                  progress=say("train"), **common)
+    val_ds = RandomAngleDataset(load_banks(bank_paths, split="val"), samples_per_epoch=val_samples,
+                                fixed_seed=12_345, progress=say("validation"), **common)
     return model, train(
         model, train_ds, val_ds, epochs=epochs, out_dir=out_dir, resume=resume or None, seed=seed,
         progress=progress, lr_decay_epochs=max(epochs, 1) * 5 // 4,

@@ -19,7 +19,7 @@ def run(checkpoint: str, out_dir: str, design_seed: int = 70_003) -> dict:
     from apt_stream.evaluation import bank_of
     from apt_stream.finetune import finetune_on_gold
     from apt_stream.io import write_scan
-    from apt_stream.reconstruct import apt_volumes, load_model, score
+    from apt_stream.reconstruct import load_model, score
     from apt_stream.sim.acquire import simulate_scan
     from apt_stream.sim.design import DesignOptions, render_design, sample_design
 
@@ -39,7 +39,7 @@ def run(checkpoint: str, out_dir: str, design_seed: int = 70_003) -> dict:
     rows: dict = {"design_seed": design_seed, "finetune": tuned}
     for name, path in (("before", checkpoint), ("after", tuned["best"])):
         model, _ = load_model(path)
-        vols = apt_volumes(model, bank.approximant(idx), projections=bank.projection_set(idx))
+        vols = bank.apt(model, idx)
         rows[name] = score(vols, bank.scan.truth)["apt"]
     rows["sart"] = score(bank.baselines(idx, which=("sart",)), bank.scan.truth)["sart"]
     return rows

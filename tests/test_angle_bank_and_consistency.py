@@ -57,7 +57,7 @@ def test_random_angle_samples_are_feasible_scaled_and_varied(tiny_bank):
     for i in infos:
         assert tiny_bank.available(i["range_deg"]) >= i["n_angles"]
     x, t, info = ds.sample(rng, augment=False)
-    assert x.shape == (12, 16, 16) and t.shape == x.shape
+    assert x.shape == (1, 12, 16, 16) and t.shape == x.shape[1:]
     # the input is dimensionless: divided by its whole volume's RMS
     full = tiny_bank.approximant(tiny_bank.choose(info["n_angles"], info["range_deg"]))
     assert info["scale"] == pytest.approx(rms_scale(full))
@@ -67,6 +67,31 @@ def test_random_angle_samples_are_feasible_scaled_and_varied(tiny_bank):
     a = next(fixed.batches(8))[0]
     b = next(fixed.batches(8))[0]
     assert (a == b).all()  # validation draws the same samples every epoch
+
+
+def test_sart_input_channel_matches_sart_of_the_same_angles(tiny_bank, tmp_path):
+    from apt_stream.model.inputs import SART_SWEEPS, sart_channel
+
+    made = []
+    ds = RandomAngleDataset([tiny_bank], patch_xy=16, samples_per_epoch=4, inputs=("approximant", "sart"),
+                            sets_per_bank=3, cache_dir=tmp_path, progress=lambda d, n: made.append(d),
+                            sampling=AngleSampling(n_angles=(3, 9), range_deg=(10.0, 30.0)))
+    assert made[-1] == 1 and len(ds.sets[0]) == 3
+    (n, theta, idx), sart = ds.sets[0][0]
+    ref = sart_channel(tiny_bank.angles_deg[idx], tiny_bank.projections[idx], tiny_bank.truth.shape)
+    assert np.abs(sart.astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max()
+    x, t, info = ds.sample(np.random.default_rng(0), augment=False)
+    assert x.shape == (2, 12, 16, 16) and t.shape == (12, 16, 16)
+    # each channel is dimensionless (its own RMS over the whole volume is 1 before cropping)
+    assert 0.2 < float(np.sqrt(np.mean(x[1] ** 2))) < 5
+    # cached: a second dataset reads the same volumes without recomputing
+    assert len(list(tmp_path.glob(f"sart-3-None-3-{SART_SWEEPS}.npz"))) == 1
+    again = RandomAngleDataset([tiny_bank], patch_xy=16, samples_per_epoch=4, inputs=("approximant", "sart"),
+                               sets_per_bank=3, cache_dir=tmp_path,
+                               sampling=AngleSampling(n_angles=(3, 9), range_deg=(10.0, 30.0)))
+    np.testing.assert_array_equal(again.sets[0][2][1], ds.sets[0][2][1])
+    with pytest.raises(InputError, match="inputs must be"):
+        RandomAngleDataset([tiny_bank], patch_xy=16, samples_per_epoch=4, inputs=("sart",))
 
 
 def test_rms_normalised_inference_is_scale_equivariant():

@@ -458,6 +458,15 @@ def train(
         raise InputError("no training pairs")
     input_norm = getattr(train_ds, "input_norm", "standardize")
     model.io_config["input_norm"] = input_norm
+    inputs = list(getattr(train_ds, "inputs", ("approximant",)))
+    if len(inputs) != model.config.in_channels:
+        raise ConfigError(f"the dataset gives {len(inputs)} input channel(s) {inputs}, "
+                          f"the network reads {model.config.in_channels}")
+    model.io_config["inputs"] = inputs
+    if "sart" in inputs:
+        from apt_stream.model.inputs import SART_RELAXATION, SART_SWEEPS
+
+        model.io_config["sart"] = {"n_iter": SART_SWEEPS, "relaxation": SART_RELAXATION}
 
     model.to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=0.0)
