@@ -96,6 +96,8 @@ class PhantomResult:
     sweep_n: list[dict] = field(default_factory=list)
     sweep_theta: list[dict] = field(default_factory=list)
     volumes: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    #: what the network read at (N*, ±θ*): (Z, Y, X), or (C, Z, Y, X) with a SART channel
+    network_input: np.ndarray | None = field(default=None, repr=False)
     seconds: float = 0.0
 
 
@@ -160,7 +162,11 @@ def evaluate_phantom(
         {k: v for k, v in volumes.items() if not k.startswith("gold")}, gold_truth,
         exclude_z=exclude_z,
     )
-    result = PhantomResult(seed=seed, main=main, vs_gold=vs_gold, volumes={**volumes, "truth": truth.delta})
+    from apt_stream.model.inputs import network_input
+
+    result = PhantomResult(seed=seed, main=main, vs_gold=vs_gold, volumes={**volumes, "truth": truth.delta},
+                           network_input=network_input(model, approximant,
+                                                       star_bank.projection_set(star, refined=False)))
     if sweeps:
         for n in N_SWEEP:
             idx = list(select_angles(star_bank.scan.angles_deg, n, theta_star))
@@ -346,7 +352,7 @@ def _family_job(args: tuple, progress: Callable[[str], None] | None = None) -> t
     model, _ = load_model(checkpoint)
     fam_summary, results = evaluate_family(name, model, n_phantoms=n_phantoms, sweeps=sweeps,
                                            exclude_z=exclude_z, progress=progress)
-    return fam_summary, results[0].volumes
+    return fam_summary, {**results[0].volumes, "network input": results[0].network_input}
 
 
 def run_evaluation(
@@ -397,7 +403,7 @@ def run_evaluation(
     main = summary["families"][families[0]]
     if sweeps:
         figs["sweeps"] = figures.sweeps_png(main["sweep_n"], main["sweep_theta"], out / "fig3-5-sweeps.png")
-    figs["attention"] = figures.attention_png(model, first["approximant"], out / "fig7-attention.png")
+    figs["attention"] = figures.attention_png(model, first["network input"], out / "fig7-attention.png")
     summary["figures"] = {k: str(v) for k, v in figs.items()}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     return summary

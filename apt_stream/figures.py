@@ -131,9 +131,10 @@ def attention_png(model, approximant: np.ndarray, path: str | Path, *, voxel=Non
     cfg = model.config
     pz, py, px = cfg.input_zyx
     vol = np.asarray(approximant, dtype=np.float32)
-    patch = vol[:pz, :py, :px]
-    patch = (patch - patch.mean()) / (patch.std() + 1e-12)
-    x = torch.from_numpy(np.ascontiguousarray(patch))[None, None]
+    vol = vol[None] if vol.ndim == 3 else vol  # (C, Z, Y, X): what the network reads
+    patch = vol[:, :pz, :py, :px]
+    patch = patch / (np.sqrt(np.mean(patch**2, axis=(1, 2, 3), keepdims=True)) + 1e-12)
+    x = torch.from_numpy(np.ascontiguousarray(patch))[None]
     with torch.inference_mode():
         _, maps = model(x, return_attention=True)
     voxel = voxel or (pz // 2, py // 2, px // 2)
