@@ -52,7 +52,11 @@ def _errors():
     except (AptStreamError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         if _DEBUG["on"]:
             raise
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+        from rich.text import Text
+
+        # One unwrapped line, the message as plain text (a "[...]" in it is not rich markup).
+        console.print(Text("error: ", style="bold red") + Text(f"{type(exc).__name__}: {exc}"),
+                      soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -204,15 +208,19 @@ def demo(
 def reconstruct(
     scan_path: Annotated[Path, typer.Argument(help="Scan file (.h5).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Volume file to write.")],
-    angles: Annotated[int | None, typer.Option(help="Use N angles spread over ±RANGE.")] = 29,
-    range_deg: Annotated[float, typer.Option("--range", help="Angular range ±deg.")] = 17.0,
+    angles: Annotated[
+        int | None, typer.Option(help="Use N angles spread over ±RANGE (default: all the scan's angles).")
+    ] = None,
+    range_deg: Annotated[
+        float | None, typer.Option("--range", help="Angular range ±deg (default: the scan's own).")
+    ] = None,
     baselines: Annotated[bool, typer.Option(help="Also FBP, SIRT and SART on the same angles.")] = False,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Network checkpoint (default: the shipped cpu model).")
     ] = None,
     png: Annotated[Path | None, typer.Option(help="Also write cross-sections to this PNG.")] = None,
 ) -> None:
-    """Approximant → APT network (→ baselines) on N angles within ±RANGE; writes volumes."""
+    """Approximant → APT network (→ baselines) on the scan's angles (or N within ±RANGE); writes volumes."""
     with _errors():
         from apt_stream.reconstruct import reconstruct_file
 

@@ -143,3 +143,34 @@ def test_reconstruct_missing_checkpoint_is_clear(tiny_scan_file, tmp_path):
     )
     assert result.exit_code == 1
     assert "does not exist" in result.output
+
+
+def test_reconstruct_defaults_to_the_scans_own_angles(tiny_scan_file, tmp_path):
+    out = tmp_path / "rec.h5"
+    result = runner.invoke(app, ["reconstruct", str(tiny_scan_file), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    _, attrs = read_volumes(out)
+    from apt_stream.io import read_scan
+
+    assert len(attrs["angles_deg"]) == read_scan(tiny_scan_file).n_angles
+
+
+def test_help_pages_read_cleanly():
+    """No `<bool>` on flags, no `{arg}` in usage lines (typer >= 0.27 prints both)."""
+    result = runner.invoke(app, ["reconstruct", "--help"], terminal_width=120)
+    assert result.exit_code == 0
+    assert "<bool>" not in result.output and "{scan_path}" not in result.output
+    assert "SCAN_PATH" in result.output
+
+
+def test_error_line_names_the_file_on_one_line(tmp_path):
+    missing = tmp_path / "nope.h5"
+    result = runner.invoke(app, ["reconstruct", str(missing), "-o", str(tmp_path / "r.h5")],
+                           terminal_width=40)
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines == [f"error: ScanFormatError: {missing}: no such file"]
+    result = runner.invoke(app, ["demo", "--preset", "bogus"], terminal_width=40)
+    assert result.exit_code == 1
+    assert len([ln for ln in result.output.splitlines() if ln.strip()]) == 1
+    assert "['demo', 'paper', 'tiny']" in result.output

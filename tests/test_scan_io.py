@@ -433,20 +433,20 @@ def test_truncated_file(scan_file):
     data = scan_file.read_bytes()
     scan_file.write_bytes(data[: len(data) // 2])
     with pytest.raises(
-        ScanFormatError, match=r"^/: cannot open .* as HDF5 \(truncated or corrupt\?\)"
+        ScanFormatError, match=r": cannot open as HDF5 \(truncated or corrupt\?\)"
     ):
         validate_scan(scan_file)
 
 
 @pytest.mark.parametrize(
     ("content", "detail"),
-    [(b"frames,angle\n1,2\n", "is not an HDF5 file"), (None, "no such file")],
+    [(b"frames,angle\n1,2\n", "not an HDF5 file"), (None, "no such file")],
 )
 def test_not_hdf5_or_missing(tmp_path, content, detail):
     path = tmp_path / "scan.h5"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(ScanFormatError, match=f"^/: .*{detail}"):
+    with pytest.raises(ScanFormatError, match=f"^{re.escape(str(path))}: {detail}"):
         read_scan(path)
 
 

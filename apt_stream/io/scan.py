@@ -588,18 +588,18 @@ def check_scan(scan: ScanData, *, partial: bool = False) -> dict:
 
 
 def open_hdf5(path: str | os.PathLike, *, swmr: bool = False) -> h5py.File:
-    """Open an HDF5 file read-only; ScanFormatError("/: ...") when missing, not HDF5 or corrupt."""
+    """Open an HDF5 file read-only; ScanFormatError naming the file when missing, not HDF5 or corrupt."""
     p = Path(path)
     if not p.is_file():
-        raise ScanFormatError(f"/: no such file: {p}")
+        raise ScanFormatError(f"{p}: no such file")
     if not h5py.is_hdf5(p):
-        raise ScanFormatError(f"/: {p} is not an HDF5 file (no HDF5 signature)")
+        raise ScanFormatError(f"{p}: not an HDF5 file (no HDF5 signature)")
     try:
         return h5py.File(p, "r", swmr=swmr)
     except OSError as exc:
         hint = "" if swmr else "; if a writer still has it open, read with swmr=True"
         raise ScanFormatError(
-            f"/: cannot open {p} as HDF5 (truncated or corrupt?){hint}: {exc}"
+            f"{p}: cannot open as HDF5 (truncated or corrupt?){hint}: {exc}"
         ) from exc
 
 
@@ -763,7 +763,7 @@ def _corruption_as_format_error(path) -> Iterator[None]:
         raise
     except (KeyError, OSError, RuntimeError, ValueError, TypeError) as exc:
         raise ScanFormatError(
-            f"/: {path} is corrupt or unreadable: {type(exc).__name__}: {exc}"
+            f"{path}: corrupt or unreadable: {type(exc).__name__}: {exc}"
         ) from exc
 
 
