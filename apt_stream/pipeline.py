@@ -105,7 +105,8 @@ def approximant_of_file(
         shown = {"Approximant": volume}
         if scan.truth is not None:
             shown["ground truth δ"] = scan.truth.delta
-        cross_sections_png(shown, png, title=f"{len(indices)} angles")
+        cross_sections_png(shown, png, title=f"{len(indices)} angles",
+                           voxel_size_m=scan.object_pixel_m)
         result["png"] = str(png)
     return result
 
@@ -141,6 +142,7 @@ def offline_demo(
         {"Approximant": volume, "ground truth δ": scan.truth.delta},
         workdir / "approximant.png",
         title=f"{p.name}: {len(indices)} angles over ±{p.scan.angle_range_deg}°",
+        voxel_size_m=scan.object_pixel_m,
     )
     return {
         "scan": str(scan_path),

@@ -227,8 +227,8 @@ def reconstruct_file(
     if png is not None:
         from apt_stream.figures import cross_sections_png
 
-        shown = dict(rec.volumes)
-        if scan.truth is not None:
-            shown["truth"] = scan.truth.delta
-        summary["png"] = str(cross_sections_png(shown, png, title=f"{len(rec.angles_deg)} angles"))
+        summary["png"] = str(cross_sections_png(
+            rec.volumes, png, title=f"{len(rec.angles_deg)} angles", truth=scan.truth,
+            metrics=rec.metrics, voxel_size_m=scan.object_pixel_m,
+        ))
     return summary
