@@ -5,8 +5,8 @@
 
 - one colour scale for every volume in δ (the refractive-index decrement, dimensionless) shown as
   ``δ (×10⁻⁶)`` on a colour bar, so the same δ is the same grey for APT, the baselines and the
-  ground truth; the limits are the pooled 1st–99.5th percentiles of those volumes (from δ = 0 when
-  a non-negative ground truth is shown). A volume whose values are not on that scale (a count volume, a network output in
+  ground truth; the limits are the truth's range (from δ = 0 to its 99th percentile) when it is
+  shown, else the pooled 1st–99.5th percentiles. A volume whose values are not on that scale (a count volume, a network output in
   arbitrary units: amplitude more than :data:`OWN_SCALE_FACTOR` off) gets its own colour bar, marked
   "own scale";
 - a scale bar in nm on each xy section (voxels are isotropic, ``voxel_size_m``);
@@ -264,16 +264,20 @@ def cross_sections_figure(
     ref_amp = amps[truth_name] if truth_name else float(np.median(list(amps.values())))
     shared = [n for n in names if shared_limits and ref_amp > 0 and amps[n] > 0
               and 1 / OWN_SCALE_FACTOR <= amps[n] / ref_amp <= OWN_SCALE_FACTOR]
-    if shared:
-        # Pooled 1st–99.5th percentiles of every volume on the scale (the truth's included, so
-        # its materials set the range and the rarest, densest one may saturate); from δ = 0
-        # (vacuum) when the truth is non-negative, so a reconstruction that loses the mean (FBP)
-        # or the amplitude (few angles) stays visible instead of black.
-        pooled = np.concatenate([_sample(arrays[n]) for n in shared])
-        lo, hi = _limits(pooled, (1.0, 99.5))
-        if truth_name in shared and np.nanmin(truth_arr) >= 0:
-            lo = min(lo, 0.0)
-        shared_lim = (lo, hi)
+    if truth_name in shared:
+        # The truth's materials set the range (its 99th percentile: the rarest, densest one may
+        # saturate, and so may a reconstruction's overshoot), from δ = 0 (vacuum) when the truth
+        # is non-negative, so a reconstruction that loses the mean (FBP) or the amplitude (few
+        # angles) stays visible instead of black.
+        values = _sample(truth_arr)
+        lo, hi = (float(v) for v in np.percentile(values, [0, 99])) if values.size else (0, 1)
+        if not hi > lo:  # almost all one material: its full range
+            hi = float(values.max()) if values.size else lo + 1.0
+        lo = min(lo, 0.0)
+        shared_lim = (lo, hi) if hi > lo else _limits(values)
+    elif shared:
+        # No truth: the pooled 1st–99.5th percentiles of the volumes on the scale.
+        shared_lim = _limits(np.concatenate([_sample(arrays[n]) for n in shared]), (1.0, 99.5))
     else:
         shared_lim = (0.0, 1.0)
     clim = {n: (shared_lim if n in shared else _limits(_sample(arrays[n]))) for n in names}
@@ -312,7 +316,7 @@ def cross_sections_figure(
                 ax.set_title(col_title, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-        row_label = _display_name(name)
+        row_label = textwrap.fill(_display_name(name), width=18)
         if name in values:
             row_label += f"\n{label} {values[name]:.3f}"
         elif name == truth_name:
