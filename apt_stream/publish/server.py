@@ -3,8 +3,11 @@
 The embedded server is tiled's :class:`~tiled.server.SimpleTiledServer` on a background thread:
 an SQLite catalog (``catalog.db``) and file storage (``data/``, plus ``storage.duckdb`` for
 appendable tables) under one data folder, listening on 127.0.0.1 on a free port. Keep the data
-folder and the scans are still there next time. A real server (``deploy/tiled-config.yml``) is
-reached with :func:`endpoint_from_env` (``APT_STREAM_TILED_URI``, ``APT_STREAM_TILED_API_KEY``).
+folder and the scans are still there next time, also after a copy or a move (stored paths
+are pointed at the folder's present place: :func:`apt_stream.publish.serve.relocate_catalog`).
+``apt-stream serve DIR`` serves such a folder, web UI included (:mod:`apt_stream.publish.serve`).
+A real server (``deploy/tiled-config.yml``) is reached with :func:`endpoint_from_env`
+(``APT_STREAM_TILED_URI``, ``APT_STREAM_TILED_API_KEY``).
 
 The API key never appears in a log line, a ``repr``, an error message or a Prefect parameter
 (:class:`TiledEndpoint` excludes it from every dump); it travels in the ``Authorization``
@@ -118,6 +121,10 @@ def local_tiled_server(
     if data_dir is not None:
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
+        if (data_dir / "catalog.db").is_file():  # a copied or moved folder: its own files
+            from apt_stream.publish.serve import relocate_catalog
+
+            relocate_catalog(data_dir)
     try:
         server = SimpleTiledServer(directory=data_dir, api_key=key)
     except Exception as exc:
