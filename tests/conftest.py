@@ -64,3 +64,17 @@ def prefect_harness(tmp_path_factory):
             yield
     finally:
         patch.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(prefect_harness, tmp_path_factory):
+    """One real ``apt-stream demo --preset tiny`` result (live path end to end, about 30 s).
+
+    Returns ``(workdir, summary)``; the Tiled data folder is ``summary["tiled_data"]``. Tests
+    that change the folder work on a copy.
+    """
+    from apt_stream.demo import live_demo
+
+    work = tmp_path_factory.mktemp("tiny-demo")
+    summary = live_demo(work, preset="tiny", seed=1000, rate_hz=None, say=lambda _msg: None)
+    return work, summary
