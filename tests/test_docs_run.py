@@ -8,6 +8,7 @@ its server class in-process), HTTP on 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -136,6 +137,25 @@ def test_out_of_range_slice_is_a_400_with_a_reason(demo, served_demo):
         served_demo.app.add_api_route("/boom-for-test", boom)
         r = http.get(f"http://127.0.0.1:{served_demo.port}/boom-for-test")
         assert r.status_code == 500 and r.json()["detail"] == "Internal server error"
+
+
+def test_web_ui_gets_table_rows_it_can_parse(demo, served_demo):
+    """Tiled's web UI splits json-seq on newlines and JSON.parses each line; Tiled's server
+    prefixes each row with RS (RFC 7464), so the UI showed "No rows". The UI's own requests get
+    plain lines; any other client keeps Tiled's framing."""
+    _, summary, _ = demo
+    url = f"{served_demo.uri}/table/partition/{summary['run_uid']}/angles"
+    params = {"partition": 0, "format": "application/json-seq"}
+    auth = {"Authorization": f"Apikey {served_demo.api_key}", "Accept-Encoding": "gzip"}
+    ui_page = f"http://127.0.0.1:{served_demo.port}/ui/browse/{summary['run_uid']}/angles"
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        plain = http.get(url, params=params, headers=auth)
+        assert plain.status_code == 200 and plain.content.startswith(b"\x1e")
+        ui = http.get(url, params=params, headers={**auth, "Referer": ui_page})
+        assert ui.status_code == 200 and b"\x1e" not in ui.content
+    rows = [json.loads(line) for line in ui.text.split("\n") if line.strip()]  # as the UI does
+    assert len(rows) == 7 and sorted(r["angle_deg"] for r in rows) == pytest.approx(
+        np.linspace(-17, 17, 7))
 
 
 def test_serve_with_the_users_own_key_never_shows_it(demo):

@@ -23,6 +23,9 @@ array 12 deep with HTTP 500: composing the request's slice with the Zarr adapter
 raises ``ValueError("Composition with out-of-bounds index")``
 (``tiled/ndslice.py``) and the route turns only ``IndexError`` into 400. This server answers
 400 with the reason instead (:func:`_slice_out_of_range`).
+
+**Tables in the web UI.** Tiled 0.2.x's web UI cannot parse the table rows its server sends
+("No rows" for every table); :class:`_UiTableRows` sends the UI rows it can read.
 """
 
 from __future__ import annotations
@@ -299,6 +302,52 @@ def _slice_out_of_range(app: Any) -> None:
     app.add_exception_handler(ValueError, handler)
 
 
+class _UiTableRows:
+    """Tables for Tiled's web UI as it reads them: without RFC 7464 record separators.
+
+    Tiled 0.2.x frames each ``application/json-seq`` row with ``\\x1e`` (RS) while its bundled
+    web UI splits the body on newlines and ``JSON.parse``s each line, which fails: every table
+    (``angles``, ``metrics``) shows "No rows" in the browser. For requests the UI itself makes
+    (``/table/`` with ``format=application/json-seq``, ``Referer`` under ``/ui/``) this ASGI
+    wrapper drops the RS bytes (JSON never holds a raw RS) and asks for an uncompressed body;
+    every other client gets Tiled's answer unchanged.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    @staticmethod
+    def _from_ui(scope: Mapping[str, Any]) -> bool:
+        if scope.get("type") != "http" or "/table/" not in scope.get("path", ""):
+            return False
+        if b"json-seq" not in scope.get("query_string", b""):
+            return False
+        referer = dict(scope.get("headers") or ()).get(b"referer", b"")
+        return b"/ui/" in referer
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not self._from_ui(scope):
+            await self.app(scope, receive, send)
+            return
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
+                                      if k.lower() != b"accept-encoding"]}
+        encoded = False
+
+        async def send_rows(message: dict) -> None:
+            nonlocal encoded
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or ())
+                encoded = any(k.lower() == b"content-encoding" for k, _ in headers)
+                if not encoded:
+                    headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not encoded:
+                message = {**message, "body": message.get("body", b"").replace(b"\x1e", b"")}
+            await send(message)
+
+        await self.app(scope, receive, send_rows)
+
+
 def _check_port_free(port: int) -> None:
     if port == 0:
         return
@@ -364,7 +413,7 @@ class ResultsServer:
             handler["filename"] = str(d / file)
         for formatter in log_config["formatters"].values():
             formatter["use_colors"] = False
-        config = uvicorn.Config(app, host=HOST, port=self.requested_port, loop="asyncio",
+        config = uvicorn.Config(_UiTableRows(app), host=HOST, port=self.requested_port, loop="asyncio",
                                 log_config=log_config)  # configures logging now
         _SERVER_LOG_FILTER.secrets.add(self.api_key)
         _filter_server_logs(_SERVER_LOG_FILTER)
