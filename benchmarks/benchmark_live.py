@@ -50,6 +50,11 @@ def run_all(*, preset: str = "demo", seed: int = 1000, quick: bool = False) -> d
             "latency_s": paced["latency_s"],
             "max_backlog_frames": paced["max_backlog_frames"],
             "prefect_overhead_pct_of_compute": paced["prefect_overhead_pct"],
+            "prefect_overhead_pct_of_scan_compute": paced.get(
+                "prefect_overhead_pct_of_scan_compute"),
+            "prefect_overhead_s": prefect_s,
+            "prefect_overhead_breakdown_s": paced.get("prefect_overhead_breakdown_s"),
+            "angles_per_task": paced.get("angles_per_task"),
             "prefect_share_of_wall_pct": (
                 round(100 * prefect_s / paced["timings_s"]["live_total_s"], 2) if prefect_s else None
             ),

@@ -22,6 +22,16 @@ from apt_stream.publish import angle_row
 
 #: Task kinds whose bodies are the scan's compute (the rest is bookkeeping and I/O).
 COMPUTE_KINDS = ("finish_angle", "reconstruct")
+#: The per-angle table's columns: (row key, header with units, decimals). θ in degrees; the time
+#: is the angle's compute (both passes); losses are the engine's relative amplitude residuals.
+TABLE_COLUMNS = (
+    ("angle_id", "angle", None),
+    ("angle_deg", "θ (°)", 2),
+    ("frames", "frames", None),
+    ("seconds", "time (s)", 3),
+    ("loss", "loss (pass 2)", 4),
+    ("loss_pass1", "loss (pass 1)", 4),
+)
 #: Task kinds that write to Tiled.
 PUBLISH_KINDS = ("run_started", "angle_finished", "reconstruction_ready", "run_stopped",
                  "publish_metrics")
@@ -36,6 +46,32 @@ def artifact_key(run_uid: str) -> str:
 def png_data_url(path: str | Path) -> str:
     """A PNG file as a ``data:`` URL, which an image artifact displays without a file server."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _round(value: Any, digits: int | None) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if digits is None or not isinstance(value, float):
+        return value
+    # Significant digits for small and large losses, decimals for angles and times.
+    if value != 0 and not 0.1 <= abs(value) < 1000:
+        return float(f"{value:.{digits}g}")
+    return round(value, digits)
+
+
+def tiled_links(scan_uri: str | None) -> dict[str, str]:
+    """The API and web-UI addresses of a scan container from its Tiled client URI.
+
+    Tiled's client gives ``http://host:port/api/v1/metadata//<uid>`` (a double slash); the web
+    UI shows the same node at ``http://host:port/ui/browse/<uid>``.
+    """
+    if not scan_uri:
+        return {}
+    head, sep, path = str(scan_uri).partition("/api/v1/metadata/")
+    if not sep:
+        return {"api": str(scan_uri)}
+    path = re.sub(r"/+", "/", path).strip("/")
+    return {"api": f"{head}/api/v1/metadata/{path}", "ui": f"{head}/ui/browse/{path}"}
 
 
 def group_by_shape(volumes: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
@@ -66,6 +102,22 @@ class ScanBook:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     #: frames_missing / angles_with_gaps of a done_with_gaps run
     gaps: dict[str, Any] = field(default_factory=dict)
+    #: Prefect's cost per task kind (call wall time beyond the body) and per artifact kind.
+    overhead_by_kind: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    artifact_by_kind: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    #: Each task's overhead and each angle's second-pass compute (they set the task granularity).
+    task_overheads: list[float] = field(default_factory=list)
+    angle_compute: list[float] = field(default_factory=list)
+    #: Angles per finish-angles task, in order.
+    groups: list[int] = field(default_factory=list)
+    #: Work the flow did outside tasks (live previews), seconds per kind: neither compute nor
+    #: Prefect's overhead.
+    plain_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    live_updates: int = 0
+    #: PNGs of the live (mid-scan) Approximant previews.
+    live_previews: list[str] = field(default_factory=list)
+    #: Artifact seconds of each live update (table, progress, image).
+    live_costs: list[float] = field(default_factory=list)
 
     def record(self, kind: str, *, call_s: float, body_s: float, publish_s: float = 0.0,
                error: BaseException | None = None) -> None:
@@ -75,11 +127,25 @@ class ScanBook:
         self.call_s += call_s
         self.body_s[kind] += body_s - publish_s
         self.body_s["angle_finished"] += publish_s
+        over = max(0.0, call_s - body_s)
+        self.overhead_by_kind[kind] += over
+        self.task_overheads.append(over)
         if error is not None:
             self.errors.append(f"{kind}: {type(error).__name__}: {error}")
 
-    def add_angle(self, summary: Any) -> None:
+    def add_angle(self, summary: Any, compute_s: float | None = None) -> None:
+        """A finished angle's row; ``compute_s``: its second pass as the flow timed it."""
         self.rows.append(angle_row(summary, default_id=len(self.rows)))
+        if compute_s is not None:
+            self.angle_compute.append(compute_s)
+
+    def live_cost_s(self) -> float | None:
+        """Median artifact cost of one live update so far (None: none yet)."""
+        return sorted(self.live_costs)[len(self.live_costs) // 2] if self.live_costs else None
+
+    def record_artifact(self, kind: str, seconds: float) -> None:
+        self.artifact_s += seconds
+        self.artifact_by_kind[kind] += seconds
 
     @property
     def progress_pct(self) -> float:
@@ -95,8 +161,22 @@ class ScanBook:
         """Task calls beyond their bodies, plus artifact writes: what Prefect cost."""
         return max(0.0, self.call_s - sum(self.body_s.values())) + self.artifact_s
 
+    @property
+    def scan_compute_s(self) -> float:
+        """All of the scan's compute: both passes of every angle (the rows' times; the first
+        pass runs on the worker, outside tasks) plus the reconstructions."""
+        rows = sum(r["seconds"] for r in self.rows if math.isfinite(r.get("seconds", math.nan)))
+        return rows + self.body_s["reconstruct"]
+
+    def overhead_breakdown(self) -> dict[str, float]:
+        """Prefect's cost by where it went: ``task:<kind>`` and ``artifact:<kind>`` (seconds)."""
+        parts = {f"task:{k}": v for k, v in self.overhead_by_kind.items()}
+        parts.update({f"artifact:{k}": v for k, v in self.artifact_by_kind.items()})
+        return {k: round(v, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
+
     def summary(self) -> dict[str, Any]:
         compute = self.compute_s
+        scan_compute = self.scan_compute_s
         return {
             "run_uid": self.run_uid,
             "status": self.status,
@@ -108,6 +188,13 @@ class ScanBook:
             "task_body_s": {k: round(v, 3) for k, v in self.body_s.items()},
             "prefect_overhead_s": round(self.overhead_s, 3),
             "prefect_overhead_pct": round(100 * self.overhead_s / compute, 2) if compute else None,
+            "scan_compute_s": round(scan_compute, 3),
+            "prefect_overhead_pct_of_scan_compute": (
+                round(100 * self.overhead_s / scan_compute, 2) if scan_compute else None),
+            "prefect_overhead_breakdown_s": self.overhead_breakdown(),
+            "angles_per_task": list(self.groups),
+            "live_updates": self.live_updates,
+            "live_previews": list(self.live_previews),
             "errors": list(self.errors),
             "frames_missing": int(self.gaps.get("frames_missing", 0)),
             "angles_with_gaps": list(self.gaps.get("angles_with_gaps", [])),
@@ -116,13 +203,14 @@ class ScanBook:
         }
 
     def table(self) -> list[dict[str, Any]]:
-        """Per-angle rows for a table artifact (NaN shown as empty)."""
+        """Per-angle rows for a table artifact, by θ: rounded, units in the headers (see
+        :data:`TABLE_COLUMNS`), NaN shown as empty."""
         return [
-            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+            {header: _round(r.get(key), digits) for key, header, digits in TABLE_COLUMNS}
             for r in sorted(self.rows, key=lambda r: r["angle_deg"])
         ]
 
-    def markdown(self, *, tiled_uri: str | None) -> str:
+    def markdown(self, *, tiled_uri: str | None, flow_run_url: str | None = None) -> str:
         s = self.summary()
         pct = s["prefect_overhead_pct"]
         lines = [
@@ -142,8 +230,15 @@ class ScanBook:
             f"| Prefect overhead | {s['prefect_overhead_s']:.3f} s over {self.n_tasks} tasks"
             + (f" ({pct:.2f} % of compute) |" if pct is not None else " |"),
         ]
-        if tiled_uri:
-            lines.append(f"| Tiled | <{tiled_uri}> |")
+        if self.groups and max(self.groups) > 1:
+            lines.append(f"| angles per finish-angles task | {', '.join(map(str, self.groups))} |")
+        links = tiled_links(tiled_uri)
+        if "ui" in links:
+            lines.append(f"| Tiled (web UI) | [{links['ui']}]({links['ui']}) |")
+        if "api" in links:
+            lines.append(f"| Tiled (API) | `{links['api']}` |")
+        if flow_run_url:
+            lines.append(f"| Prefect | [{flow_run_url}]({flow_run_url}) |")
         for p in self.previews:
             lines.append(f"| preview | `{p}` |")
         if self.metrics:

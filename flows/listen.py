@@ -60,6 +60,13 @@ class ListenConfig(BaseModel):
     preview_every: int | None = Field(
         None, ge=1, description="interim APT previews every this many finished angles"
     )
+    live_every: int | None = Field(
+        None, ge=1, description="Prefect UI: progress, angles table and Approximant preview every "
+        "this many finished angles (None: as often as the overhead budget allows)"
+    )
+    angles_per_task: int | None = Field(
+        None, ge=1, description="finished angles per Prefect task (None: from measured compute)"
+    )
     max_duration_s: float | None = Field(None, gt=0, description="stop after this long")
     max_runs: int | None = Field(None, ge=1, description="stop after this many scans")
     stop_file: str | None = Field(None, description="stop when this file appears")
@@ -106,7 +113,7 @@ class LiveResources:
     """
 
     __slots__ = ("publisher", "engine_factory", "reconstruct_fn", "truth_fn", "stop", "on_ready",
-                 "on_done")
+                 "on_done", "on_scan_start")
 
     def __init__(
         self,
@@ -118,6 +125,7 @@ class LiveResources:
         stop: threading.Event | None = None,
         on_ready: Callable[[Any], None] | None = None,
         on_done: Callable[[dict], None] | None = None,
+        on_scan_start: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self.publisher = publisher
         self.engine_factory = engine_factory
@@ -129,6 +137,8 @@ class LiveResources:
         #: Called with the flow's result when its work is done, before Prefect records the end
         #: (a caller can exit even if the Prefect API has gone away).
         self.on_done = on_done
+        #: Called with ``(run_uid, flow_run_id)`` when a scan's flow run starts.
+        self.on_scan_start = on_scan_start
 
 
 def _stopper(config: ListenConfig, event: threading.Event | None) -> Callable[[], bool]:
@@ -229,7 +239,9 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
             state = reconstruct_scan(
                 channel, channel.run_uid, n_star=config.n_star,
                 theta_star_deg=config.theta_star_deg, preview_dir=config.preview_dir,
-                truth_fn=res.truth_fn, stop=should_stop, return_state=True,
+                truth_fn=res.truth_fn, stop=should_stop, live_every=config.live_every,
+                angles_per_task=config.angles_per_task, on_start=res.on_scan_start,
+                return_state=True,
             )
             final = state.is_final()
             summary = state.result(raise_on_failure=False) if final else channel.summary

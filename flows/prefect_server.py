@@ -44,6 +44,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from apt_stream.child_process import die_with_parent_preexec as _die_with_parent_preexec
@@ -51,6 +52,7 @@ from apt_stream.errors import ServiceError
 
 #: Marker in the temporary server's command line (tests and operators can find it by it).
 SERVER_APP = "prefect.server.api.server:create_app"
+
 
 def _free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
@@ -103,6 +105,10 @@ class TemporaryPrefectServer:
             **get_current_settings().to_environment_variables(exclude_unset=True),
         }
 
+    def _stdio(self) -> dict[str, Any]:
+        """Where the server's output goes (default: this process's)."""
+        return {}
+
     def start(self, timeout_s: float = 120.0, should_abort: Callable[[], bool] | None = None,
               while_starting: Callable[[], object] | None = None) -> str:
         """Start the server and wait until ``/api/health`` answers; returns the API URL.
@@ -120,7 +126,7 @@ class TemporaryPrefectServer:
                 self.port = _free_port()
             self.process = subprocess.Popen(
                 self._command(), env=self._env(), stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent_preexec(),
+                start_new_session=True, preexec_fn=_die_with_parent_preexec(), **self._stdio(),
             )
             atexit.register(self.stop)
             if while_starting is not None:
@@ -168,6 +174,106 @@ class TemporaryPrefectServer:
                     proc.wait(timeout=5)
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
+
+
+class PrefectUIServer(TemporaryPrefectServer):
+    """``prefect server start`` with its web UI, on a free 127.0.0.1 port, state under ``home``.
+
+    The demo's default Prefect: a real server (API + UI, SQLite database in ``home``) that an
+    operator opens in a browser while the scan runs, started and stopped like
+    :class:`TemporaryPrefectServer` (own session, dies with this process). Telemetry is off in its
+    environment: the server's analytics heartbeat and the client's (``DO_NOT_TRACK``).
+    """
+
+    def __init__(self, home: str | os.PathLike, port: int | None = None) -> None:
+        super().__init__(port)
+        self.home = Path(home).resolve()
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                "--port", str(self.port), "--analytics-off", "--log-level", "WARNING"]
+
+    def _stdio(self) -> dict[str, Any]:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / "server.log", "ab")  # noqa: SIM115 (the child keeps it open)
+        self._log = log
+        return {"stdout": log, "stderr": subprocess.STDOUT}
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        super().stop(timeout_s)
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
+            self._log = None
+
+    def _env(self) -> dict[str, str]:
+        from .settings import OFFLINE_ENV
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        return {
+            **env,
+            **OFFLINE_ENV,
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL":
+                f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            "PREFECT_SERVER_UI_ENABLED": "true",
+            "PREFECT_UI_API_URL": self.api_url,
+            "PREFECT_SERVER_UI_STATIC_DIRECTORY": str(self.home / "ui-build"),
+            "PREFECT_LOGGING_SERVER_LEVEL": "WARNING",
+        }
+
+
+def ui_url_for(api_url: str | None) -> str | None:
+    """The web UI address that goes with a Prefect API URL (``…/api`` dropped), or None."""
+    if not api_url:
+        return None
+    url = str(api_url).rstrip("/")
+    return url[: -len("/api")] if url.endswith("/api") else None
+
+
+def flow_run_ui_url(api_url: str | None, flow_run_id: str | None) -> str | None:
+    """The UI page of a flow run (None: no UI address known, or no flow run)."""
+    base = ui_url_for(api_url)
+    return f"{base}/runs/flow-run/{flow_run_id}" if base and flow_run_id else None
+
+
+@contextlib.contextmanager
+def prefect_ui_server(home: str | os.PathLike, *, startup_timeout_s: float = 180.0,
+                      say: Callable[[str], None] | None = None,
+                      while_starting: Callable[[], object] | None = None) -> Iterator[PrefectAPI]:
+    """Start :class:`PrefectUIServer` and point this process's flows at it while inside.
+
+    Call it after :func:`apt_stream.flows.settings.apply_offline_env`, from a thread that lives
+    as long as the server should (the main thread). ``while_starting`` runs while it boots.
+    Leaving drains Prefect's log and event workers, then stops the server.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = PrefectUIServer(home)
+    try:
+        url = server.start(startup_timeout_s, while_starting=while_starting)
+        if say is not None:
+            say(f"Prefect UI: {server.ui_url} (server state in {server.home})")
+        saved = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                try:
+                    yield PrefectAPI(url, server)
+                finally:
+                    drain_prefect_clients()
+        finally:
+            if saved is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = saved
+    finally:
+        server.stop(timeout_s=5.0)
 
 
 def configured_api_url() -> str | None:

@@ -98,11 +98,16 @@ class Call:
             self._claimed = True
             return True
 
-    def execute(self) -> Any:
-        """Run the task here (in the flow: a Prefect task run); keep its result or error."""
+    def execute(self, *, as_task: bool = True) -> Any:
+        """Run the task here (in the flow: a Prefect task run); keep its result or error.
+
+        ``as_task=False`` runs the task's plain function (inside another task that groups
+        several calls).
+        """
         token = _CURRENT.set(self)
         try:
-            self.result = self.task(*self.args, **self.kwargs)
+            fn = self.task if as_task else plain(self.task)
+            self.result = fn(*self.args, **self.kwargs)
         except Exception as exc:
             self.error = exc
         finally:
@@ -211,23 +216,43 @@ class RunChannel:
         (``with call: call.execute()``) so the worker is released even if the flow fails in
         between. Leaving the loop closes the channel.
         """
-        stopped = getattr(stop, "is_set", stop)
         self._attached.set()
         try:
-            while not self._closed.is_set():
-                if stopped is not None and stopped():
+            while True:
+                call = self.next_call(stop=stop)
+                if call is None:
                     return
-                try:
-                    call = self._queue.get(timeout=self.poll_s)
-                except queue.Empty:
-                    continue
-                if not call.claim():
-                    continue
                 yield call
                 if call.kind == LAST_KIND:
                     return
         finally:
             self.close()
+
+    def next_call(self, *, stop: threading.Event | Callable[[], bool] | None = None,
+                  timeout_s: float | None = None) -> Call | None:
+        """The next call, claimed for the flow; None when the channel is closed, ``stop`` is
+        set, or none came within ``timeout_s`` (None: wait on).
+
+        What :meth:`calls` uses; a flow that runs several calls in one task takes the next
+        ones with it. The caller must end each call (``with call: ...``).
+        """
+        stopped = getattr(stop, "is_set", stop)
+        self._attached.set()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._closed.is_set():
+            if stopped is not None and stopped():
+                return None
+            wait = self.poll_s if deadline is None else min(self.poll_s,
+                                                            deadline - time.monotonic())
+            if wait <= 0:
+                return None
+            try:
+                call = self._queue.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if call.claim():
+                return call
+        return None
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,17 @@ def finish_angle(engine: Any, angle_id: int, publisher: Any = None, run_uid: str
     return summary
 
 
+@task(name="finish-angles", task_run_name="finish-angles-from-{first_angle_id}", **_COMMON)
+def finish_angles(first_angle_id: int, work: Callable[[], Any]) -> Any:
+    """Several finished angles in one task run, when one angle is too cheap to be worth a task.
+
+    ``work`` (the flow's) runs each angle's :func:`finish_angle` body in turn as the angles
+    complete, and keeps the per-angle view current through artifacts; it returns the number of
+    angles done. No retries, like ``finish-angle``.
+    """
+    return work()
+
+
 @task(name="publish-angle", **_TILED)
 @_timed
 def publish_angle(publisher: Any, run_uid: str, summary: Any, approximant: Any) -> None:
@@ -163,11 +174,12 @@ def publish_metrics(publisher: Any, run_uid: str, metrics: Mapping) -> None:
 
 @task(name="preview", **_COMMON)
 @_timed
-def preview(volumes: Mapping[str, Any], path: str | Path, title: str) -> Path:
-    """xy / xz / yz sections of same-shaped volumes, as a PNG."""
+def preview(volumes: Mapping[str, Any], path: str | Path, title: str, **options: Any) -> Path:
+    """xy / xz / yz sections of same-shaped volumes, as a PNG (options: ``truth``,
+    ``voxel_size_m``, … of :func:`apt_stream.figures.cross_sections_figure`)."""
     from apt_stream.figures import cross_sections_png
 
-    return cross_sections_png(volumes, path, title=title)
+    return cross_sections_png(volumes, path, title=title, **options)
 
 
 # -- set-up and checks ---------------------------------------------------------------------------
