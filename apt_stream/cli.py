@@ -174,7 +174,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path(
         "apt-stream-demo"
     ),
-    preset: Annotated[str, typer.Option(help="tiny | demo")] = "demo",
+    preset: Annotated[str, typer.Option(help="tiny | demo | paper (paper: GPU only)")] = "demo",
     seed: Annotated[int, typer.Option(help="Phantom seed (held out from training).")] = 1000,
     rate: Annotated[float, typer.Option(help="Simulated beamline frame rate (frames/s); 0: full speed.")] = 40.0,
     checkpoint: Annotated[Path | None, typer.Option(help="Network checkpoint (default: shipped).")] = None,
@@ -182,8 +182,35 @@ def demo(
     offline: Annotated[
         bool, typer.Option(help="No services: simulate, Approximant and PNG only.")
     ] = False,
+    ephemeral: Annotated[
+        bool, typer.Option(help="Prefect's temporary server, no UI (default: a Prefect server "
+                           "with its UI on 127.0.0.1, state in WORKDIR/prefect).")
+    ] = False,
+    keep_serving: Annotated[
+        bool, typer.Option(help="Afterwards keep the Prefect UI and Tiled (apt-stream serve "
+                           "WORKDIR) up until Ctrl-C.")
+    ] = False,
 ) -> None:
     """The live demo on loopback: Tiled, Prefect, 0MQ, a simulated beamline, APT, summary."""
+    held: dict = {}
+
+    def show(summary: dict) -> None:
+        snippet = summary.pop("client_snippet", None)
+        _print_json(summary)
+        if snippet:
+            print(f"\nFind this scan in Tiled: run `apt-stream serve {workdir}`, then:\n")
+            print(snippet)
+
+    def hold(summary: dict) -> None:  # --keep-serving: Prefect's server is still up here
+        from apt_stream.publish.serve import serve as serve_folder
+
+        show(summary)
+        held["shown"] = True
+        if summary.get("prefect_ui"):
+            print(f"\nPrefect UI stays up: {summary.get('prefect_flow_run_url') or summary['prefect_ui']}",
+                  flush=True)
+        serve_folder(workdir, say=lambda text: print(text, flush=True))
+
     with _errors():
         if offline:
             from apt_stream.pipeline import offline_demo
@@ -195,13 +222,11 @@ def demo(
             summary = live_demo(
                 workdir, preset=preset, seed=seed, rate_hz=rate or None, checkpoint=checkpoint,
                 baselines=baselines, say=lambda msg: console.print(f"[bold cyan]{msg}[/]"),
-                progress_factory=progress_bar,
+                progress_factory=progress_bar, ephemeral=ephemeral,
+                keep_serving=hold if keep_serving else None,
             )
-        snippet = summary.pop("client_snippet", None)
-        _print_json(summary)
-        if snippet:
-            out.print("\n[bold]Find this scan in Tiled[/] (while a server runs on that data):")
-            print(snippet)
+        if not held:
+            show(summary)
 
 
 @app.command()
@@ -360,6 +385,20 @@ def proxy(
         finally:
             running.stop()
         console.print("proxy stopped")
+
+
+@app.command()
+def serve(
+    folder: Annotated[Path, typer.Argument(help="Results folder: a Tiled catalog, or one with "
+                                           "tiled/ in it.")] = Path("apt-stream-demo"),
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free one).")] = 8000,
+) -> None:
+    """Serve a results folder (the demo's by default) with Tiled and its web UI on 127.0.0.1;
+    prints the links, where the API key comes from and client code (Ctrl-C stops)."""
+    with _errors():
+        from apt_stream.publish.serve import serve as serve_folder
+
+        serve_folder(folder, port=port, say=lambda text: print(text, flush=True))
 
 
 @app.command()

@@ -15,6 +15,7 @@ Everything is shut down on the way out, also on errors and Ctrl-C.
 
 from __future__ import annotations
 
+import contextvars
 import subprocess
 import sys
 import threading
@@ -30,17 +31,44 @@ from apt_stream.errors import ServiceError
 #: Frames per second of the simulated beamline: the demo's "realistic" acquisition rate. Bluesky
 #: itself tops out near 100 events/s on these 2 cores (docs/benchmarks.md).
 DEFAULT_RATE_HZ = 40.0
+#: The demo's Prefect UI shows progress, the angles table and an Approximant preview every this
+#: many finished angles while the scan runs (and the final state at the end).
+DEMO_LIVE_EVERY = 10
 
 
-def client_snippet(uri: str, run_uid: str) -> str:
-    return (
-        "from tiled.client import from_uri\n"
-        "from tiled.queries import Key\n"
-        f"client = from_uri({uri!r}, api_key=os.environ['APT_STREAM_TILED_API_KEY'])\n"
-        f"scan = client.search(Key('run_uid') == {run_uid!r}).values().first()\n"
-        "print(scan.metadata['status'], scan.metadata['angles_used'])\n"
-        "apt = scan['apt'][:, 32, :]   # an xz slice, read lazily\n"
-    )
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def next_run_dir(work: Path) -> Path:
+    """A new ``run-NNN`` folder under the demo folder: one per demo run, so a second run's scan,
+    previews and logs never mix with the first's (Tiled and Prefect keep one store for all)."""
+    taken = [int(d.name[4:]) for d in work.glob("run-[0-9][0-9][0-9]*") if d.name[4:].isdigit()]
+    n = max(taken, default=0) + 1
+    while True:
+        run_dir = work / f"run-{n:03d}"
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:  # a demo started at the same moment took it
+            n += 1
+
+
+def client_snippet(run_uid: str, tiled_dir: str | Path) -> str:
+    """Python that finds this run's scan and slices it; runs as printed while ``apt-stream serve``
+    serves the demo's folder (its default address; its key: ``$APT_STREAM_TILED_API_KEY`` or
+    the folder's ``api_key`` file)."""
+    from apt_stream.publish.serve import client_snippet as snippet
+    from apt_stream.publish.serve import key_expression
+
+    folder = Path(tiled_dir).resolve()
+    return (f"# needs `apt-stream serve {folder.parent if folder.name == 'tiled' else folder}` "
+            "running (another terminal)\n" + snippet(run_uid, key=key_expression(folder)))
 
 
 def live_demo(
@@ -53,40 +81,105 @@ def live_demo(
     baselines: bool = True,
     say: Callable[[str], None] = print,
     progress_factory: Callable | None = None,
+    ephemeral: bool = False,
+    live_every: int | None = DEMO_LIVE_EVERY,
+    keep_serving: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Run the live demo end to end; returns the summary printed by the CLI."""
+    """Run the live demo end to end; returns the summary printed by the CLI.
+
+    Prefect: with ``PREFECT_API_URL`` set, that server; else (the default) a ``prefect server
+    start`` with its web UI on a free 127.0.0.1 port, its SQLite database in ``<workdir>/prefect``;
+    ``ephemeral=True``: Prefect's own temporary server, no UI. ``keep_serving(summary)`` is
+    called once the demo is done while the Prefect server is still up (the CLI serves the Tiled
+    folder there until Ctrl-C). Each run writes its files to a new ``<workdir>/run-NNN``.
+
+    Raises
+    ------
+    ConfigError
+        ``preset="paper"`` on a machine without a GPU.
+    """
     from apt_stream.flows.settings import apply_offline_env
 
     apply_offline_env()  # before Prefect is imported: it reads its settings once
     from apt_stream.config import get_preset
-    from apt_stream.figures import cross_sections_png
-    from apt_stream.flows.listen import ListenConfig, LiveResources, listen
+    from apt_stream.errors import ConfigError
+    from apt_stream.flows.prefect_server import configured_api_url, prefect_ui_server, ui_url_for
     from apt_stream.io import write_scan
-    from apt_stream.plugins.bluesky.zmq_link import start_proxy
-    from apt_stream.publish import TiledPublisher
-    from apt_stream.publish.server import local_tiled_server
-    from apt_stream.reconstruct import (
-        DEFAULT_CHECKPOINT,
-        baseline_volumes,
-        score,
-        tomography_projections,
-    )
+    from apt_stream.reconstruct import DEFAULT_CHECKPOINT
     from apt_stream.sim.acquire import simulate_scan
 
     t_start = time.perf_counter()
-    work = Path(workdir).resolve()
-    for sub in ("runs", "spool", "previews", "backup"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
     p = get_preset(preset)
-    say(f"1/5 simulating a {p.name} scan (seed {seed}): {p.scan.n_angles} angles over ±{p.scan.angle_range_deg}°")
-    scan = simulate_scan(p, seed=seed)
-    scan_path = write_scan(work / "scan.h5", scan)
-    timings = {"simulate_s": time.perf_counter() - t_start}
+    device = "cpu"
+    if p.name == "paper":
+        if not _has_gpu():
+            raise ConfigError(
+                "the paper preset needs a GPU (349 angles of 128² frames, 12 probe modes: hours "
+                "on a CPU); this machine has none. Use --preset demo (minutes) or tiny (seconds)"
+            )
+        device = "cuda"
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    run_dir = next_run_dir(work)
+    for sub in ("runs", "spool", "previews", "backup"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
     checkpoint = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    box: dict = {}
+
+    def simulate() -> None:
+        say(f"1/5 simulating a {p.name} scan (seed {seed}): {p.scan.n_angles} angles over "
+            f"±{p.scan.angle_range_deg}°" + (" (minutes: the paper's geometry)"
+                                            if p.name == "paper" else ""))
+        box["scan"] = simulate_scan(p, seed=seed)
+        box["scan_path"] = write_scan(run_dir / "scan.h5", box["scan"])
+        box["simulate_s"] = time.perf_counter() - t_start
+
+    outer = ExitStack()
+    prefect_ui: str | None = None
+    try:
+        if ephemeral or configured_api_url() is not None:
+            simulate()
+            prefect_ui = None if ephemeral else ui_url_for(configured_api_url())
+        else:
+            # The server boots (≈ 10-20 s) while the scan is simulated.
+            api = outer.enter_context(prefect_ui_server(work / "prefect", while_starting=simulate))
+            prefect_ui = api.server.ui_url if api.server is not None else None
+        return _live(
+            p=p, rate_hz=rate_hz, checkpoint=checkpoint, baselines=baselines, say=say,
+            progress_factory=progress_factory, live_every=live_every, keep_serving=keep_serving,
+            t_start=t_start, device=device, work_root=work, work=run_dir, box=box,
+            prefect_ui=prefect_ui)
+    finally:
+        outer.close()
+
+
+def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_every, keep_serving,
+          t_start, device, work_root: Path, work: Path, box: dict, prefect_ui: str | None
+          ) -> dict:
+    """The demo once the scan is simulated and Prefect is up: steps 2-5 (``work``: this run's
+    folder, ``work_root``: the demo folder with the Tiled store)."""
+    from apt_stream.figures import preview_png
+    from apt_stream.flows.listen import ListenConfig, LiveResources, listen
+    from apt_stream.flows.prefect_server import configured_api_url, flow_run_ui_url
+    from apt_stream.plugins.bluesky.zmq_link import start_proxy
+    from apt_stream.publish import TiledPublisher
+    from apt_stream.publish.server import local_tiled_server
+    from apt_stream.reconstruct import baseline_volumes, score, tomography_projections
+
+    scan, scan_path = box["scan"], box["scan_path"]
+    timings = {"simulate_s": box["simulate_s"]}
+    run_links: dict = {}
+
+    def scan_started(run_uid: str, flow_run_id: str | None) -> None:
+        url = flow_run_ui_url(configured_api_url(), flow_run_id) if prefect_ui else None
+        run_links.update(flow_run_id=flow_run_id, url=url)
+        if url:
+            say(f"   Prefect UI, this scan live: {url}")
 
     with ExitStack() as stack:
-        say("2/5 starting Tiled (embedded), the 0MQ proxy and the Prefect listen flow")
-        endpoint = stack.enter_context(local_tiled_server(work / "tiled"))
+        say("2/5 starting Tiled (embedded), the 0MQ proxy and the Prefect listen flow"
+            + (f"; Prefect UI at {prefect_ui}" if prefect_ui else ""))
+        endpoint = stack.enter_context(local_tiled_server(work_root / "tiled"))
         proxy = start_proxy()
         stack.callback(proxy.stop)
         # Approximant uploads at most every 5 s (angle rows go up at once): keeps Tiled's share of
@@ -103,11 +196,12 @@ def live_demo(
             spool_dir=str(work / "spool"), preview_dir=str(work / "previews"),
             checkpoint=str(checkpoint), max_runs=1, n_star=p.scan.n_angles,
             theta_star_deg=p.scan.angle_range_deg, backup_dir=str(work / "backup"),
+            live_every=live_every, device=device,
         )
         resources = LiveResources(
             publisher=publisher, stop=stop,
             on_ready=lambda listener: (listeners.append(listener), ready.set()),
-            truth_fn=lambda header: scan.truth,
+            truth_fn=lambda header: scan.truth, on_scan_start=scan_started,
         )
 
         def run_flow() -> None:
@@ -117,7 +211,10 @@ def live_demo(
                 outcome["error"] = exc
                 ready.set()
 
-        flow_thread = threading.Thread(target=run_flow, name="apt-listen", daemon=True)
+        # In a copy of this context: Prefect's settings (the API URL of the server started
+        # above) live in a context variable, which a new thread would not see.
+        flow_thread = threading.Thread(target=contextvars.copy_context().run, args=(run_flow,),
+                                       name="apt-listen", daemon=True)
         flow_thread.start()
         if not ready.wait(180) or "error" in outcome:
             raise ServiceError(f"the listen flow did not come up: {outcome.get('error')!r}")
@@ -180,14 +277,17 @@ def live_demo(
             angles, proj = tomography_projections(scan, list(range(scan.n_angles)))
             base = baseline_volumes(angles, proj, scan.volume_shape_zyx)
             volumes.update(base)
+            live_md = dict(node.metadata)
             publisher.reconstruction_ready(
                 run_uid, {f"baselines/{k}": v for k, v in base.items()}, final=True
             )
+            _keep_live_metadata(client[run_uid], live_md)
             timings["baselines_s"] = time.perf_counter() - t0
         metrics = score(volumes, scan.truth)
         publisher.metrics_ready(run_uid, metrics)
-        cross_sections_png(
-            {**volumes, "ground truth δ": scan.truth.delta}, work / "previews" / "demo.png",
+        shown = preview_png(
+            volumes, work / "previews" / "demo.png", truth=scan.truth, metrics=metrics,
+            voxel_size_m=scan.object_pixel_m,
             title=f"{p.name}: {scan.n_angles} angles over ±{p.scan.angle_range_deg}°",
         )
         pub = publisher.stats()
@@ -207,6 +307,16 @@ def live_demo(
             "latency_s": None if latency is None else round(latency, 2),
             "prefect_overhead_pct": scans[0].get("prefect_overhead_pct"),
             "prefect_overhead_s": scans[0].get("prefect_overhead_s"),
+            "prefect_compute_s": scans[0].get("compute_s"),
+            # The same overhead against all of the scan's compute (both passes of every angle,
+            # the first on the listener's worker, + inference).
+            "prefect_overhead_pct_of_scan_compute": scans[0].get(
+                "prefect_overhead_pct_of_scan_compute"),
+            "prefect_tasks": scans[0].get("tasks"),
+            "angles_per_task": scans[0].get("angles_per_task"),
+            "prefect_overhead_breakdown_s": scans[0].get("prefect_overhead_breakdown_s"),
+            "prefect_ui": prefect_ui,
+            "prefect_flow_run_url": run_links.get("url"),
             "tiled_share_pct": round(100 * pub["tiled_s"] / live_s, 2) if live_s else None,
             "max_backlog_frames": live.get("max_backlog_frames"),
             "acquired_fps": round(scan.n_frames / timings["acquisition_s"], 1),
@@ -215,11 +325,34 @@ def live_demo(
                 if live.get("worker_busy_s") else None
             ),
             "metrics_vs_truth": metrics,
+            # "Note: SART (…) beats APT (…) on PCC …" when a baseline wins, else None.
+            "preview_note": shown.note,
             "tiled_uri": endpoint.uri,
             "tiled_data": str(endpoint.data_dir),
-            "client_snippet": client_snippet(endpoint.uri, run_uid),
+            "client_snippet": client_snippet(run_uid, endpoint.data_dir),
             "previews": sorted(str(x) for x in (work / "previews").glob("*.png")),
             "scan_file": str(scan_path),
+            "run_dir": str(work),
         }
         summary["timings_s"]["total_s"] = round(time.perf_counter() - t_start, 2)
-        return summary
+        pct = summary["prefect_overhead_pct"]
+        if pct is not None:
+            say(f"   Prefect overhead: {pct:.2f} % of the compute it orchestrated "
+                f"({summary['prefect_overhead_s']:.3f} s over {summary['prefect_tasks']} tasks, "
+                f"{summary['prefect_compute_s']:.2f} s of compute; target < 5 %)")
+    if keep_serving is not None:
+        keep_serving(summary)  # the embedded Tiled server is closed; Prefect's is still up
+    return summary
+
+
+def _keep_live_metadata(node, live_md: dict) -> None:
+    """Put back what the live run recorded after the demo adds its baselines to the scan.
+
+    The baselines go up after the run stopped, through a publisher that reopens the scan with
+    fresh timings: its ``final_reconstruction_s`` would be seconds since that reopening, not
+    since the run started (docs/querying.md), and ``volumes`` must keep the run's own ``apt``.
+    """
+    md = dict(node.metadata)  # a freshly read node: what the publisher just wrote
+    timings = {**(md.get("timings") or {}), **(live_md.get("timings") or {})}
+    volumes = sorted(set(md.get("volumes") or []) | set(live_md.get("volumes") or []))
+    node.update_metadata(metadata={"timings": timings, "volumes": volumes})
