@@ -299,11 +299,11 @@ def train(
         "runs/banks"
     ),
     out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint folder.")] = Path("runs/apt-general"),
-    epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 60,
+    epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 36,
     samples_per_epoch: Annotated[
         int, typer.Option(help="Random-angle samples per epoch (fine-tuning: at most 128).")
     ] = 512,
-    train_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for training.")] = 64,
+    train_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for training.")] = 96,
     val_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for validation.")] = 6,
     jobs: Annotated[int, typer.Option(help="Processes simulating banks.")] = 2,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.safetensors.")] = False,
