@@ -252,28 +252,36 @@ def prefect_ui_server(home: str | os.PathLike, *, startup_timeout_s: float = 180
     as long as the server should (the main thread). ``while_starting`` runs while it boots.
     Leaving drains Prefect's log and event workers, then stops the server.
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = PrefectUIServer(home)
     try:
         url = server.start(startup_timeout_s, while_starting=while_starting)
         if say is not None:
             say(f"Prefect UI: {server.ui_url} (server state in {server.home})")
-        saved = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: url}):
-                try:
-                    yield PrefectAPI(url, server)
-                finally:
-                    drain_prefect_clients()
-        finally:
-            if saved is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = saved
+        with _pointed_at(url, server) as api:
+            yield api
     finally:
         server.stop(timeout_s=5.0)
+
+
+@contextlib.contextmanager
+def _pointed_at(url: str, server) -> Iterator[PrefectAPI]:
+    """PREFECT_API_URL (environment and settings) at ``url`` for the block; restored after."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield PrefectAPI(url, server)
+            finally:
+                drain_prefect_clients()
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
 
 
 def configured_api_url() -> str | None:
@@ -320,7 +328,6 @@ def prefect_api(
     Leaving it drains Prefect's log and event workers (bounded), then stops a server it started.
     ``while_starting`` runs while a temporary server boots (or at once, with an external API).
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = configured_api_url()
     if url is not None:
@@ -337,19 +344,8 @@ def prefect_api(
                            while_starting=while_starting)
         if say is not None:
             say(f"Prefect: temporary server on {url} (stops with this process)")
-        saved = os.environ.get("PREFECT_API_URL")
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: url}):
-                try:
-                    yield PrefectAPI(url, server)
-                finally:
-                    drain_prefect_clients()
-        finally:
-            if saved is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = saved
+        with _pointed_at(url, server) as api:
+            yield api
     finally:
         server.stop()
 

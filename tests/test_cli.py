@@ -174,3 +174,31 @@ def test_error_line_names_the_file_on_one_line(tmp_path):
     assert result.exit_code == 1
     assert len([ln for ln in result.output.splitlines() if ln.strip()]) == 1
     assert "['demo', 'paper', 'tiny']" in result.output
+
+
+def test_simulate_gold_writes_the_many_angle_scan(tmp_path):
+    from apt_stream.config import get_preset
+
+    path = tmp_path / "gold.h5"
+    result = runner.invoke(app, ["simulate", str(path), "--preset", "tiny", "--gold"])
+    assert result.exit_code == 0, result.output
+    gold = get_preset("tiny").gold_scan
+    assert validate_scan(path)["n_angles"] == gold.n_angles
+
+
+def test_bench_inference_quick_reports_the_shipped_end_to_end_ratio():
+    result = runner.invoke(app, ["bench", "inference", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    data = _json_tail(result.output)
+    e2e = data["shipped_end_to_end"]
+    assert e2e["inputs"] == ["approximant", "sart"]
+    assert e2e["apt_over_sart"]["median"] > 0 and isinstance(e2e["within_2_s"], bool)
+
+
+def test_bench_live_quick_reports_keep_up_latency_and_prefect_overhead():
+    result = runner.invoke(app, ["bench", "live", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    data = _json_tail(result.output)
+    assert data["preset"] == "tiny" and data["keep_up_factor"] > 0
+    paced = data["at_demo_rate"]
+    assert paced["latency_s"] > 0 and paced["prefect_overhead_pct_of_compute"] >= 0

@@ -205,3 +205,13 @@ def test_batchnorm_folding_is_exact_and_leaves_the_model_alone():
     n_bn_left = sum(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
     assert n_bn_left < n_bn  # folded ones are gone from the copy...
     assert sum(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules()) == n_bn  # ...not the original
+
+
+def test_shipped_end_to_end_benchmark_reports_a_same_run_ratio():
+    from apt_stream.benchmarks.benchmark_inference import end_to_end
+
+    res = end_to_end(repeats=1, shape_zyx=(16, 32, 32), n_angles=9)
+    assert res["apt_seconds"]["median"] > 0 and res["sart_seconds"]["median"] > 0
+    ratio = res["apt_seconds"]["median"] / res["sart_seconds"]["median"]
+    assert res["apt_over_sart"]["median"] == pytest.approx(ratio)
+    assert res["inputs"][0] == "approximant" and len(res["model_sha256"]) == 64

@@ -38,7 +38,9 @@ def test_shipped_model_loads_verified_and_predicts():
     assert meta["preset"] == "cpu"
     assert read_metadata(DEFAULT_CHECKPOINT)["sha256"] == meta["sha256"]
     assert DEFAULT_CHECKPOINT.stat().st_size < 25 * 2**20
-    out = apt_volume(model, np.random.default_rng(0).normal(size=(32, 40, 48)).astype(np.float32))
+    # The shipped model reads the Approximant and a SART channel: (2, Z, Y, X).
+    assert model.config.in_channels == 2
+    out = apt_volume(model, np.random.default_rng(0).normal(size=(2, 32, 40, 48)).astype(np.float32))
     assert out.shape == (32, 40, 48) and np.isfinite(out).all()
 
 
