@@ -99,6 +99,9 @@ class ScanBook:
     status: str | None = None
     reconstructions: int = 0
     previews: list[str] = field(default_factory=list)
+    #: The volumes (and their PNGs) of the last reconstruction preview: a final announcement of
+    #: the same volumes (N* reached on the last angle) reuses them instead of a second render.
+    last_preview: tuple[dict, list[str]] | None = field(default=None, repr=False)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     #: frames_missing / angles_with_gaps of a done_with_gaps run
     gaps: dict[str, Any] = field(default_factory=dict)

@@ -58,20 +58,24 @@ def test_live_previews_show_their_angle_count_not_the_final_volume(prefect_harne
     assert state.is_completed(), state.message
     key = artifact_key(run_uid)
     by_name = {path.name: (volumes, title) for path, volumes, title in seen}
-    # Previews at 2 and 4 angles, the trigger at 5 (coverage of ±10°), the final at the stop.
+    # Previews at 2 and 4 angles and the trigger at 5 (coverage of ±10°). The final at the stop
+    # holds the same volumes as the trigger's, so it is that PNG again, not a second render.
     assert set(by_name) == {f"{key}-live-002angles-0.png", f"{key}-live-004angles-0.png",
-                            f"{key}-live-005angles-0.png", f"{key}-final-0.png"}
+                            f"{key}-live-005angles-0.png"}
     for path, _, _ in seen:
         assert path.stat().st_size > 0
+    previews = tmp_path / "previews"
+    assert (previews / f"{key}-final-0.png").read_bytes() == (
+        previews / f"{key}-live-005angles-0.png").read_bytes()
     mean = {n: np.mean(1.0 + np.arange(n)) for n in (2, 4, 5)}  # MeanEngine's volume scale
     live2, title2 = by_name[f"{key}-live-002angles-0.png"]
-    final, title_final = by_name[f"{key}-final-0.png"]
+    final, title_final = by_name[f"{key}-live-005angles-0.png"]
     np.testing.assert_allclose(live2["approximant"], PATTERN * mean[2], rtol=1e-6)
     np.testing.assert_allclose(live2["apt"], 2 * PATTERN * mean[2], rtol=1e-6)
     np.testing.assert_allclose(final["approximant"], PATTERN * mean[len(ANGLES)], rtol=1e-6)
     assert not np.allclose(live2["apt"], final["apt"])
     assert "2 of N* = 3 angles" in title2 and "live" in title2
-    assert "final, 5 angles" in title_final
+    assert "5 of N* = 3 angles" in title_final
     # The pictures differ too (not only their titles): compare the xy sections' pixels.
     import matplotlib.image as mpimg
 

@@ -139,7 +139,7 @@ def test_reconstruct_scan_runs_angle_tasks_publishes_and_reports(prefect_harness
     counts = Counter(t.name.rsplit("-", 1)[0] for t in task_runs)
     assert counts == {
         "publish-run-started": 1, "finish-angle": len(ANGLES),
-        "reconstruct": 1, "publish-volumes": 2, "preview": 2, "score": 1, "publish-metrics": 1,
+        "reconstruct": 1, "publish-volumes": 2, "preview": 1, "score": 1, "publish-metrics": 1,
         "publish-run-stopped": 1,
     }
     assert all(t.state.is_completed() for t in task_runs)
