@@ -109,6 +109,8 @@ def test_bench_approximant_quick_reports_ratios():
     for key in ("engine_frames_per_s", "fft_floor_frames_per_s", "engine_over_floor",
                 "engine_fidelity_pcc", "autograd_fidelity_pcc"):
         assert row[key] > 0
+    assert row["rounds"] >= 1 and isinstance(row["measurement_fault"], bool)
+    assert row["engine_over_floor_spread"]["round_min"] <= row["engine_over_floor_spread"]["round_max"]
     # The hand adjoint and autograd compute the same two iterations.
     assert abs(row["engine_fidelity_pcc"] - row["autograd_fidelity_pcc"]) < 0.02
 
@@ -202,3 +204,13 @@ def test_bench_live_quick_reports_keep_up_latency_and_prefect_overhead():
     assert data["preset"] == "tiny" and data["keep_up_factor"] > 0
     paced = data["at_demo_rate"]
     assert paced["latency_s"] > 0 and paced["prefect_overhead_pct_of_compute"] >= 0
+
+
+def test_interleaved_timing_alternates_sides_and_takes_ratios_of_medians():
+    from apt_stream.benchmarks.timing import interleaved, ratio
+
+    calls: list[str] = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+    assert calls == ["a", "b"] * 3 and all(len(v) == 3 for v in times.values())
+    r = ratio([2.0, 4.0, 6.0], [1.0, 1.0, 2.0])
+    assert r["value"] == 4.0 and r["round_min"] == 2.0 and r["round_max"] == 4.0
