@@ -277,11 +277,9 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             angles, proj = tomography_projections(scan, list(range(scan.n_angles)))
             base = baseline_volumes(angles, proj, scan.volume_shape_zyx)
             volumes.update(base)
-            live_md = dict(node.metadata)
             publisher.reconstruction_ready(
                 run_uid, {f"baselines/{k}": v for k, v in base.items()}, final=True
             )
-            _keep_live_metadata(client[run_uid], live_md)
             timings["baselines_s"] = time.perf_counter() - t0
         metrics = score(volumes, scan.truth)
         publisher.metrics_ready(run_uid, metrics)
@@ -344,15 +342,3 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
         keep_serving(summary)  # the embedded Tiled server is closed; Prefect's is still up
     return summary
 
-
-def _keep_live_metadata(node, live_md: dict) -> None:
-    """Put back what the live run recorded after the demo adds its baselines to the scan.
-
-    The baselines go up after the run stopped, through a publisher that reopens the scan with
-    fresh timings: its ``final_reconstruction_s`` would be seconds since that reopening, not
-    since the run started (docs/querying.md), and ``volumes`` must keep the run's own ``apt``.
-    """
-    md = dict(node.metadata)  # a freshly read node: what the publisher just wrote
-    timings = {**(md.get("timings") or {}), **(live_md.get("timings") or {})}
-    volumes = sorted(set(md.get("volumes") or []) | set(live_md.get("volumes") or []))
-    node.update_metadata(metadata={"timings": timings, "volumes": volumes})

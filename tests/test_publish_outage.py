@@ -126,6 +126,25 @@ def test_reopening_repairs_a_table_with_duplicate_rows(tiled_root, tmp_path, run
     assert (counts["rows"], counts["frames"], counts["angles_used"]) == (N_ANGLES, 819, N_ANGLES)
 
 
+def test_reopening_keeps_the_runs_timings_and_volumes(tiled_root, tmp_path, run_uid, scan_id):
+    """A second publisher adding volumes to a stopped scan (the demo's baselines) keeps the
+    timings since the run's start and the volumes it already has."""
+    publish(TiledPublisher(tiled_root, backup_dir=tmp_path / "b1"), run_uid, scan_id)
+    before = dict(tiled_root[run_uid].metadata["timings"])
+    time.sleep(0.3)
+    later = TiledPublisher(tiled_root, backup_dir=tmp_path / "b2")
+    later.run_started(make_header(run_uid, scan_id=scan_id))
+    later.reconstruction_ready(run_uid, {"baselines/sart": np.zeros(SHAPE)}, final=True)
+    later.run_stopped(run_uid, "success")
+    md = tiled_root[run_uid].metadata
+    after = md["timings"]
+    for key in ("started_at", "last_angle_s", "final_reconstruction_s"):
+        assert after[key] == before[key], key
+    # Still counted from the original start: the reopening came 0.3 s after the first stop.
+    assert after["total_s"] >= before["total_s"] + 0.3
+    assert {"apt", "baselines/sart"} <= set(md["volumes"])
+
+
 # -- (c) replaying a backup twice ------------------------------------------------------------------
 def test_replay_backup_twice_duplicates_nothing(tiled_root, tmp_path, run_uid, scan_id):
     """The first angles reached Tiled before the outage; the backup holds the rest."""

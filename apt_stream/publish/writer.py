@@ -691,13 +691,14 @@ class TiledPublisher:
             return
         self._load_existing(run, node)
         meta = {**meta, "angles_used": run.angles_used,
-                "angles_finished_deg": run.angles_finished_deg()}
+                "angles_finished_deg": run.angles_finished_deg(), "timings": dict(run.timings)}
         node.update_metadata(metadata=meta)
         run.node = node
 
     def _load_existing(self, run: _Run, node: Any) -> None:
         """What a reopened scan already holds: its angle rows, volumes and final flag."""
         md = dict(node.metadata or {})
+        self._keep_timings(run, md.get("timings"))
         run.volumes.update(str(v) for v in md.get("volumes") or [])
         run.has_final = run.has_final or bool(md.get("final"))
         run.node = node
@@ -718,6 +719,25 @@ class TiledPublisher:
             log.info("run %s: angles table had %d rows for %d angles; rewriting it", run.uid,
                      stored, run.angles_used)
             self._rewrite_angles(run)
+
+    @staticmethod
+    def _keep_timings(run: _Run, stored: Any) -> None:
+        """A reopened scan keeps the timings it has and its original start: they are seconds
+        since the run started (docs/querying.md), not since this publisher reopened it."""
+        if not isinstance(stored, Mapping):
+            return
+        started_at = stored.get("started_at")
+        if isinstance(started_at, str):
+            try:
+                then = _dt.datetime.fromisoformat(started_at)
+            except ValueError:
+                then = None
+            if then is not None and then.tzinfo is not None:
+                ago = (_dt.datetime.now(_dt.UTC) - then).total_seconds()
+                if ago >= 0:
+                    run.started = time.perf_counter() - ago
+                    run.started_at = started_at
+        run.timings = {**run.timings, **json_safe(dict(stored))}
 
     def _child(self, run: _Run, key: str) -> Any:
         if key in run.children:
