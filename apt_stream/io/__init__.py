@@ -1,5 +1,6 @@
 """File formats: the scan file (docs/scan-format.md) and reconstructed-volume files."""
 
+from apt_stream.io.conventions import Conventions
 from apt_stream.io.scan import (
     FORMAT_VERSION,
     GroundTruth,
@@ -14,6 +15,7 @@ from apt_stream.io.scan import (
 from apt_stream.io.volumes import read_volumes, write_volumes
 
 __all__ = [
+    "Conventions",
     "FORMAT_VERSION",
     "GroundTruth",
     "LazyFrames",

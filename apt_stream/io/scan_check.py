@@ -179,6 +179,9 @@ def _check_header(scan: ScanData) -> dict:
     if power <= 0:
         raise _fail(PROBE, "all probe modes are zero")
     frame_shape = probe.shape[1:]
+    plane = getattr(scan, "probe_plane", "entrance")
+    if plane not in ("entrance", "axis"):
+        raise _fail(PROBE, f"probe plane {plane!r}; expected 'entrance' or 'axis'")
     angles = _check_real_array(scan.angles_deg, ANGLES)
     if angles.ndim != 1 or angles.size < 1:
         raise _fail(ANGLES, f"shape {angles.shape}, expected (N,) with N >= 1")

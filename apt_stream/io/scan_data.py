@@ -41,13 +41,17 @@ class ScanData:
     angles_deg : (N,) float64
         Rotation about +y (right-handed), degrees.
     probe : (M, h, w) complex64
-        Probe modes in the sample's entrance plane, sampled at ``object_pixel_m``.
+        Probe modes sampled at ``object_pixel_m``, in the plane ``probe_plane`` names.
     field_shape : (Ny, Nx)
         The lab-frame object field shared by all angles.
     slice_spacing_m : (N,) float64
         Distance between the L Approximant slices at each angle.
     volume_shape_zyx : (nz, ny, nx)
         The reconstruction grid (sample frame).
+    probe_plane : {"entrance", "axis"}
+        Where the probe is given: at each angle's entrance face z′ = −D(θ)/2 (default: applied
+        to slice 1 as it is) or in the lab plane through the rotation axis (z′ = 0; the engine
+        propagates it by −D(θ)/2 to the entrance face at every angle).
     """
 
     frames: Any
@@ -65,6 +69,7 @@ class ScanData:
     volume_shape_zyx: tuple[int, int, int]
     truth: GroundTruth | None = None
     provenance: dict = field(default_factory=dict)
+    probe_plane: str = "entrance"
 
     def __post_init__(self) -> None:
         # Accept lists/arrays for the shape tuples; anything stranger is left to check_scan.
@@ -113,6 +118,7 @@ class ScanData:
             volume_shape_zyx=self.volume_shape_zyx,
             truth=self.truth,
             provenance=self.provenance,
+            probe_plane=self.probe_plane,
         )
 
     def subset(self, angle_indices: Sequence[int]) -> ScanData:
@@ -163,8 +169,12 @@ class LazyFrames:
         frame_shape: tuple[int, int],
         rows: np.ndarray | None = None,
         swmr: bool = False,
+        conventions=None,
     ) -> None:
         self.path = Path(path)
+        #: the file's declared conventions (apt_stream.io.conventions); frames are converted
+        #: to ours as they are read
+        self.conventions = conventions
         self._rows = np.arange(n_frames) if rows is None else np.asarray(rows, dtype=np.int64)
         self._frame_shape = tuple(frame_shape)
         self._swmr = swmr
@@ -192,6 +202,7 @@ class LazyFrames:
             frame_shape=self._frame_shape,
             rows=self._rows[np.asarray(rows, dtype=np.int64)],
             swmr=self._swmr,
+            conventions=self.conventions,
         )
 
     def __getitem__(self, key) -> np.ndarray:
@@ -209,6 +220,10 @@ class LazyFrames:
                 for run in np.split(unique, breaks):
                     out[start : start + run.size] = ds[int(run[0]) : int(run[-1]) + 1]
                     start += run.size
+        if self.conventions is not None and not self.conventions.is_default:
+            from apt_stream.io.conventions import frames_to_ours
+
+            out = np.ascontiguousarray(frames_to_ours(out, self.conventions), dtype=np.float32)
         data = out[inverse.reshape(-1)]
         data = data[0] if scalar else data
         return data[(slice(None),) * (0 if scalar else 1) + tuple(rest)] if rest else data

@@ -13,7 +13,8 @@ import numpy as np
 from apt_stream.errors import ScanFormatError
 
 FORMAT_NAME = "apt-stream-scan"
-FORMAT_VERSION = "1.0"
+#: 1.1 added the convention attributes (apt_stream.io.conventions); a reader takes any 1.x.
+FORMAT_VERSION = "1.1"
 
 ENERGY = "/entry/instrument/source/energy"
 DISTANCE = "/entry/instrument/detector/distance"

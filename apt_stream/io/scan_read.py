@@ -12,6 +12,13 @@ import h5py
 import numpy as np
 
 from apt_stream.errors import ScanFormatError
+from apt_stream.io.conventions import (
+    Conventions,
+    conventions_from_attrs,
+    frames_to_ours,
+    positions_to_ours,
+    probe_to_ours,
+)
 from apt_stream.io.scan_check import _fail, check_scan
 from apt_stream.io.scan_data import GroundTruth, LazyFrames, ScanData
 from apt_stream.io.scan_format import (
@@ -129,9 +136,14 @@ def _read_provenance(f: h5py.File) -> dict:
     return out
 
 
-def _scan_from_file(f: h5py.File, *, load_frames: bool, partial: bool) -> tuple[ScanData, bool]:
-    """Build a ScanData from an open, layout-checked file (frames as the h5py dataset or loaded)."""
+def _scan_from_file(f: h5py.File, *, load_frames: bool, partial: bool) -> tuple[ScanData, Conventions]:
+    """Build a ScanData from an open, layout-checked file (frames as the h5py dataset or loaded).
+
+    Data the file declares in other conventions (apt_stream.io.conventions) are converted to
+    ours: probe, positions and (when loaded) frames; returns the declared conventions too.
+    """
     has_truth = _check_layout(f)
+    conv = conventions_from_attrs(lambda path: f[path].attrs)
     n = len(f[ANGLE_INDEX])  # layout checked: these exist
     if partial:
         # A SWMR writer extends frames, positions and then angle_index; read the complete ones.
@@ -141,6 +153,8 @@ def _scan_from_file(f: h5py.File, *, load_frames: bool, partial: bool) -> tuple[
     frames = f[FRAMES]
     if load_frames:
         frames = _read(f, FRAMES, rows=rows).astype(np.float32, copy=False)
+        if not conv.is_default:
+            frames = np.ascontiguousarray(frames_to_ours(frames, conv), dtype=np.float32)
     elif partial:
         frames = _DatasetRows(frames, n)
     truth = None
@@ -151,24 +165,34 @@ def _scan_from_file(f: h5py.File, *, load_frames: bool, partial: bool) -> tuple[
             labels=_read(f, TRUTH + "/labels"),
             voxel_size_m=float(_read(f, TRUTH + "/voxel_size")),
         )
+    field_shape = _read(f, FIELD_SHAPE)
+    probe = _read(f, PROBE)
+    positions = np.asarray(_read(f, POSITIONS, rows=rows), dtype=np.float64) / obj_pixel
+    provenance = _read_provenance(f)
+    if not conv.is_default:
+        probe = probe_to_ours(probe, conv)
+        if np.shape(field_shape) == (2,):  # else check_scan names the bad field shape
+            positions = positions_to_ours(positions, conv, field_shape, probe.shape[-2:])
+        provenance["conventions_converted"] = conv.differences()
     scan = ScanData(
         frames=frames,
         angle_index=_read(f, ANGLE_INDEX, rows=rows),
-        positions_px=np.asarray(_read(f, POSITIONS, rows=rows), dtype=np.float64) / obj_pixel,
+        positions_px=positions,
         angles_deg=np.asarray(_read(f, ANGLES), dtype=np.float64),
-        probe=_read(f, PROBE),
+        probe=probe,
         energy_kev=float(_read(f, ENERGY)),
         detector_distance_m=float(_read(f, DISTANCE)),
         detector_pixel_m=float(_read(f, X_PIXEL)),
         object_pixel_m=obj_pixel,
-        field_shape=_read(f, FIELD_SHAPE),
+        field_shape=field_shape,
         slice_spacing_m=np.asarray(_read(f, SLICE_SPACING), dtype=np.float64),
         n_slices=_read(f, N_SLICES),
         volume_shape_zyx=_read(f, VOLUME_SHAPE),
         truth=truth,
-        provenance=_read_provenance(f),
+        provenance=provenance,
+        probe_plane=conv.probe_plane,
     )
-    return scan, has_truth
+    return scan, conv
 
 
 class _DatasetRows:
@@ -254,7 +278,7 @@ def read_scan(
         As :func:`validate_scan`.
     """
     with open_hdf5(path, swmr=swmr) as f, _corruption_as_format_error(path):
-        scan, _ = _scan_from_file(f, load_frames=load_frames, partial=partial)
+        scan, conv = _scan_from_file(f, load_frames=load_frames, partial=partial)
         check_scan(scan, partial=partial)
         n_frames = int(scan.frames.shape[0])
     scan.angle_index = np.asarray(scan.angle_index, dtype=np.int32)
@@ -265,5 +289,7 @@ def read_scan(
         scan.truth.beta = scan.truth.beta.astype(np.float32, copy=False)
         scan.truth.labels = scan.truth.labels.astype(np.uint8, copy=False)
     if not load_frames:
-        scan.frames = LazyFrames(path, n_frames=n_frames, frame_shape=scan.frame_shape, swmr=swmr)
+        scan.frames = LazyFrames(
+            path, n_frames=n_frames, frame_shape=scan.frame_shape, swmr=swmr, conventions=conv
+        )
     return scan

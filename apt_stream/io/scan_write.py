@@ -15,6 +15,12 @@ import h5py
 import numpy as np
 
 from apt_stream.errors import InputError
+from apt_stream.io.conventions import (
+    Conventions,
+    frames_from_ours,
+    positions_from_ours,
+    probe_from_ours,
+)
 from apt_stream.io.scan_check import (
     _check_angle_index,
     _check_frame_block,
@@ -109,7 +115,7 @@ def _write_provenance(f: h5py.File, provenance: Mapping) -> None:
     group.create_dataset("extra", data=dumps_json(prov, what="provenance"))
 
 
-def _write_header(f: h5py.File, scan: ScanData, comp: dict) -> None:
+def _write_header(f: h5py.File, scan: ScanData, comp: dict, conv: Conventions) -> None:
     f.attrs.update(
         NX_class="NXroot", default="entry", format=FORMAT_NAME, format_version=FORMAT_VERSION
     )
@@ -120,10 +126,17 @@ def _write_header(f: h5py.File, scan: ScanData, comp: dict) -> None:
     _dataset(f, DISTANCE, np.float64(scan.detector_distance_m), units="m")
     _dataset(f, X_PIXEL, np.float64(scan.detector_pixel_m), units="m")
     _dataset(f, Y_PIXEL, np.float64(scan.detector_pixel_m), units="m")
-    probe = _dataset(f, PROBE, np.asarray(scan.probe, dtype=np.complex64), **comp)
+    probe = _dataset(
+        f, PROBE, np.asarray(probe_from_ours(scan.probe, conv), dtype=np.complex64), **comp
+    )
     probe.attrs["description"] = (
-        "mutually incoherent probe modes (M, h, w) in the sample entrance plane, sampled at "
-        "/entry/object/pixel_size; sum over modes and pixels of |P|^2 = photons per frame in vacuum"
+        "mutually incoherent probe modes (M, h, w) sampled at /entry/object/pixel_size, in the "
+        "plane named by 'plane' (entrance: each angle's entrance face; axis: the lab plane through "
+        "the rotation axis); sum over modes and pixels of |P|^2 = photons per frame in vacuum"
+    )
+    # Conventions (apt_stream.io.conventions): ours unless the writer was asked for others.
+    probe.attrs.update(
+        phase_sign=np.int8(conv.phase_sign), fft_norm=conv.fft_norm, plane=scan.probe_plane
     )
     angles = _dataset(f, ANGLES, np.asarray(scan.angles_deg, dtype=np.float64), units="deg")
     angles.attrs.update(rotation_axis="+y", sense="right-handed")
@@ -144,7 +157,9 @@ def _write_header(f: h5py.File, scan: ScanData, comp: dict) -> None:
     _write_provenance(f, scan.provenance)
 
 
-def _create_frame_datasets(f: h5py.File, frame_shape: tuple[int, int], comp: dict) -> None:
+def _create_frame_datasets(
+    f: h5py.File, frame_shape: tuple[int, int], comp: dict, conv: Conventions
+) -> None:
     h, w = frame_shape
     per_chunk = max(1, min(64, (256 * 1024) // (4 * h * w)))
     data = f["/entry/data"]
@@ -160,7 +175,8 @@ def _create_frame_datasets(f: h5py.File, frame_shape: tuple[int, int], comp: dic
     frames.attrs.update(
         units="counts",
         interpretation="image",
-        fft_centring="zero frequency at pixel (h//2, w//2) (numpy.fft.fftshift of an ortho FFT)",
+        fft_centring=conv.fft_centring,
+        description="zero frequency at pixel (h//2, w//2) (numpy.fft.fftshift of an ortho FFT)",
     )
     data.create_dataset(
         "angle_index", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1024,), **comp
@@ -171,7 +187,9 @@ def _create_frame_datasets(f: h5py.File, frame_shape: tuple[int, int], comp: dic
     pos.attrs.update(
         units="m",
         dims=["frame", "yx"],
-        origin="(y, x) of the probe window's top-left corner in the lab-frame object field; "
+        reference=conv.position_reference,
+        relative_to=conv.positions_relative_to,
+        description="(y, x) of the probe window's top-left corner in the lab-frame object field; "
         "pixels = value / /entry/object/pixel_size",
     )
 
@@ -193,13 +211,18 @@ class ScanWriter:
         Filter for frames, probe and truth.
     swmr : bool, keyword-only
         Enable single-writer/multiple-reader access after the header is written.
+    conventions : apt_stream.io.conventions.Conventions, optional, keyword-only
+        Store the data in these conventions (converted from ours, attributes set accordingly),
+        e.g. to hand a file to a code that expects them or to test a reader; default: ours.
     """
 
     def __init__(
-        self, path: str | os.PathLike, *, compression: str | None = "gzip", swmr: bool = True
+        self, path: str | os.PathLike, *, compression: str | None = "gzip", swmr: bool = True,
+        conventions: Conventions | None = None,
     ) -> None:
         self.path = Path(path)
         self._comp = _compression_kwargs(compression)
+        self._conv = conventions if conventions is not None else Conventions()
         self._swmr = swmr
         self._file: h5py.File | None = None
         self._header: dict | None = None
@@ -226,6 +249,7 @@ class ScanWriter:
         volume_shape_zyx: tuple[int, int, int],
         truth: GroundTruth | None = None,
         provenance: Mapping | None = None,
+        probe_plane: str = "entrance",
     ) -> None:
         """Check the scan's fixed fields, create the file and every dataset, enter SWMR mode."""
         if self._file is not None or self._closed:
@@ -248,14 +272,15 @@ class ScanWriter:
             volume_shape_zyx=volume_shape_zyx,
             truth=truth,
             provenance=dict(provenance or {}),
+            probe_plane=probe_plane,
         )
         summary = check_scan(header, partial=True)
         self._header = summary
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = h5py.File(self.path, "w", libver=("v110", "latest"))
         try:
-            _write_header(f, header, self._comp)
-            _create_frame_datasets(f, summary["frame_shape"], self._comp)
+            _write_header(f, header, self._comp, self._conv)
+            _create_frame_datasets(f, summary["frame_shape"], self._comp, self._conv)
             if self._swmr:
                 f.swmr_mode = True
             f.flush()
@@ -303,10 +328,12 @@ class ScanWriter:
         if n == 0:
             return self._n_frames
         f, k0, k1 = self._file, self._n_frames, self._n_frames + n
+        conv = self._conv
         # angle_index last: a SWMR reader trusts the shortest of the three datasets.
         for path, values in (
-            (FRAMES, np.asarray(frames, dtype=np.float32)),
-            (POSITIONS, pos * summary["object_pixel_m"]),
+            (FRAMES, np.asarray(frames_from_ours(np.asarray(frames), conv), dtype=np.float32)),
+            (POSITIONS, positions_from_ours(pos, conv, summary["field_shape"],
+                                            summary["frame_shape"]) * summary["object_pixel_m"]),
             (ANGLE_INDEX, idx.astype(np.int32)),
         ):
             ds = f[path]
@@ -333,7 +360,8 @@ class ScanWriter:
 
 
 def write_scan(
-    path: str | os.PathLike, scan: ScanData, *, compression: str | None = "gzip"
+    path: str | os.PathLike, scan: ScanData, *, compression: str | None = "gzip",
+    conventions: Conventions | None = None,
 ) -> Path:
     """Check ``scan`` and write it to ``path`` (atomically: a temporary file is renamed).
 
@@ -345,6 +373,8 @@ def write_scan(
         A complete scan (every angle has frames).
     compression : {"gzip", "lzf", None}, keyword-only
         Filter for frames, probe and truth.
+    conventions : Conventions, optional, keyword-only
+        As for :class:`ScanWriter` (default: ours).
 
     Returns
     -------
@@ -357,7 +387,9 @@ def write_scan(
     check_scan(scan)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with ScanWriter(tmp, compression=compression, swmr=False) as writer:
+        with ScanWriter(
+            tmp, compression=compression, swmr=False, conventions=conventions
+        ) as writer:
             writer.write_header(**scan.header_kwargs())
             for start, stop in _blocks(scan.n_frames, 256):
                 writer._append(

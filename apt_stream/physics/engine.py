@@ -360,10 +360,12 @@ def slices_to_sample_frame(
     Returns the sample-frame volume (nz, ny, nx) and a 0/1 coverage volume of the same shape.
     Each sample voxel takes the value of the slab it falls in at this angle, linearly interpolated
     across the lab x′ columns (rows are the rotation axis, so no interpolation is needed there).
+    Sample row 0 is field row :func:`geometry.sample_row0` ``(Ny − ny) // 2`` (``frame_px // 2``
+    for the default field ``Ny = ny + frame_px``); ``frame_px`` is kept for callers.
     """
     nz, ny, nx = shape_zyx
     n_slices, field_ny, field_nx = delta_slices.shape
-    row0 = frame_px // 2
+    row0 = geometry.sample_row0(field_ny, ny)
     if row0 + ny > field_ny:
         raise InputError(f"field of {field_ny} rows cannot hold {ny} sample rows + margin")
     lut = _back_rotation(shape_zyx, field_nx, angle_deg, n_slices)
@@ -471,11 +473,24 @@ class ScanGeometry:
     wavelength_m: float
     object_pixel_m: float
     voxel_size_m: float
+    #: "entrance": the probe is each angle's field at its entrance face z′ = −D(θ)/2 and meets
+    #: slice 1 as it is; "axis": it is given at z′ = 0 and propagated by −D(θ)/2 per angle
+    probe_plane: str = "entrance"
+
+    def __post_init__(self) -> None:
+        if self.probe_plane not in ("entrance", "axis"):
+            raise InputError(f"probe_plane must be 'entrance' or 'axis', got {self.probe_plane!r}")
 
     @classmethod
     def from_scan(cls, scan) -> ScanGeometry:
-        """From an :class:`apt_stream.io.ScanData` (or anything with the same fields)."""
-        return cls(
+        """From an :class:`apt_stream.io.ScanData` (or anything with the same fields).
+
+        The engine places its L slices over the sample's extent along the beam, so the slice
+        spacing at angle θ is D(θ)·voxel/L (docs/conventions.md). A stored ``slice_spacing_m``
+        is checked against that and **rejected** (InputError naming the angle) when it differs
+        by more than :data:`SLICE_SPACING_RTOL`: the engine does not silently use another.
+        """
+        geom = cls(
             probe=scan.probe,
             field_shape=tuple(scan.field_shape),
             n_slices=int(scan.n_slices),
@@ -483,7 +498,54 @@ class ScanGeometry:
             wavelength_m=float(scan.wavelength_m),
             object_pixel_m=float(scan.object_pixel_m),
             voxel_size_m=float(scan.object_pixel_m),
+            probe_plane=str(getattr(scan, "probe_plane", "entrance") or "entrance"),
         )
+        stored = getattr(scan, "slice_spacing_m", None)
+        angles = getattr(scan, "angles_deg", None)
+        if stored is not None and angles is not None:
+            check_slice_spacing(stored, angles, geom)
+        return geom
+
+    def slice_spacing_m(self, angle_deg: float) -> float:
+        return geometry.slice_spacing_m(
+            self.volume_shape_zyx, self.voxel_size_m, angle_deg, self.n_slices
+        )
+
+    def probe_at_entrance(self, angle_deg: float):
+        """The probe modes at this angle's entrance face (the scan's own for "entrance")."""
+        if self.probe_plane == "entrance":
+            return self.probe
+        depth_m = geometry.beam_extent_px(self.volume_shape_zyx, angle_deg) * self.voxel_size_m
+        probe_t = torch.as_tensor(np.asarray(self.probe)).to(torch.complex64)
+        kernel = angular_spectrum_kernel(
+            tuple(probe_t.shape[-2:]), pixel_size_m=self.object_pixel_m,
+            wavelength_m=self.wavelength_m, distance_m=-depth_m / 2,
+        )
+        return torch.fft.ifft2(torch.fft.fft2(probe_t) * kernel)
+
+
+#: Allowed relative difference of a stored slice spacing from D(θ)·voxel/L.
+SLICE_SPACING_RTOL = 1e-3
+
+
+def check_slice_spacing(stored, angles_deg, geom: ScanGeometry) -> None:
+    """Raise InputError when a stored per-angle slice spacing is not D(θ)·voxel/L."""
+    stored = np.asarray(stored, dtype=np.float64).reshape(-1)
+    angles = np.asarray(angles_deg, dtype=np.float64).reshape(-1)
+    if stored.shape != angles.shape:
+        raise InputError(
+            f"/entry/object/slice_spacing: {stored.size} values for {angles.size} angles"
+        )
+    for n, (dz, angle) in enumerate(zip(stored, angles, strict=True)):
+        want = geom.slice_spacing_m(float(angle))
+        if not abs(dz - want) <= SLICE_SPACING_RTOL * want:
+            depth = geometry.beam_extent_px(geom.volume_shape_zyx, float(angle))
+            raise InputError(
+                f"/entry/object/slice_spacing: angle {n} ({angle:g}°) stores {dz:.6g} m, but the "
+                f"engine spreads L = {geom.n_slices} slices over the sample's depth D(θ) = "
+                f"{depth:.4g} voxels, i.e. {want:.6g} m (D(θ)·voxel/L, docs/conventions.md); "
+                f"write that spacing or fix volume_shape / n_slices"
+            )
 
 
 @dataclass
@@ -539,11 +601,9 @@ class StreamingApproximant:
         state = self._states.get(angle_id)
         if state is None:
             g = self.geometry
-            spacing = geometry.slice_spacing_m(
-                g.volume_shape_zyx, g.voxel_size_m, angle_deg, g.n_slices
-            )
+            spacing = g.slice_spacing_m(angle_deg)
             state = AngleState(
-                g.probe,
+                g.probe_at_entrance(angle_deg),
                 field_shape=g.field_shape,
                 n_slices=g.n_slices,
                 slice_spacing_m=spacing,
@@ -569,7 +629,7 @@ class StreamingApproximant:
     def _delta(self, state: AngleState, angle: float) -> torch.Tensor:
         """Offset-corrected per-slab δ estimates (L, Ny, Nx) of an angle's current slices."""
         g = self.geometry
-        row0 = int(np.asarray(g.probe).shape[-2]) // 2
+        row0 = geometry.sample_row0(g.field_shape[0], g.volume_shape_zyx[1])
         phases = remove_phase_offset(
             torch.angle(state.slices), shape_zyx=g.volume_shape_zyx, angle_deg=angle, row0=row0
         )
@@ -593,7 +653,7 @@ class StreamingApproximant:
             delta_for_projection = self._delta(state, angle)
         else:
             delta_for_projection = delta
-        row0 = int(np.asarray(g.probe).shape[-2]) // 2
+        row0 = geometry.sample_row0(g.field_shape[0], g.volume_shape_zyx[1])
 
         def line_integral(d: torch.Tensor) -> np.ndarray:
             rows = d[:, row0 : row0 + g.volume_shape_zyx[1], :]

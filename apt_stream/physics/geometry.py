@@ -53,6 +53,54 @@ def field_shape(
     return int(shape_zyx[1]) + frame_px, nx_field
 
 
+def sample_row0(field_ny: int, ny: int) -> int:
+    """Field row of sample row 0: ``(Ny − ny) // 2``, the sample centred in the field's rows.
+
+    For the default field ``Ny = ny + h`` this is ``h // 2``.
+    """
+    if field_ny < ny:
+        raise InputError(f"field of {field_ny} rows cannot hold {ny} sample rows")
+    return (int(field_ny) - int(ny)) // 2
+
+
+def field_shape_for_positions(
+    shape_zyx: Sequence[int],
+    frame_hw: Sequence[int],
+    angles_deg: Sequence[float],
+    positions_from_centre_px=None,
+) -> tuple[int, int]:
+    """The smallest field (Ny, Nx) that holds the sample, a frame of margin and every position.
+
+    ``positions_from_centre_px`` (K, 2) are the (y, x) top-left corners of the probe windows
+    measured from the field centre ((Ny − 1)/2, (Nx − 1)/2), which is the rotation axis (x) and
+    the sample's middle row (y); a scan may reach past the sample on any side. Both margins
+    ``Ny − ny`` and ``Nx − nx`` come out **even**, so voxel centres sit on field pixel centres
+    (an odd margin puts them half a pixel off, docs/conventions.md).
+    """
+    nz, ny, nx = (int(v) for v in shape_zyx)
+    h, w = (int(v) for v in frame_hw)
+    angles = list(angles_deg)
+    if not angles:
+        raise InputError("at least one angle is needed to size the object field")
+    width = max(lateral_extent_px(shape_zyx, a) for a in angles)
+    need_y, need_x = ny + h, int(math.ceil(width - 1e-9)) + w
+    if positions_from_centre_px is not None and len(positions_from_centre_px):
+        pos = np.asarray(positions_from_centre_px, dtype=np.float64).reshape(-1, 2)
+        tol = 0.01
+        # corner = p + (N − 1)/2 must lie in [0, N − h]: N ≥ 1 − 2·min p and N ≥ 2·(max p + h) − 1
+        for axis, size in ((0, h), (1, w)):
+            lo, hi = float(pos[:, axis].min()), float(pos[:, axis].max())
+            n = max(1 - 2 * (lo + tol), 2 * (hi - tol + size) - 1)
+            n = int(math.ceil(n - 1e-9))
+            if axis == 0:
+                need_y = max(need_y, n)
+            else:
+                need_x = max(need_x, n)
+    need_y += (need_y - ny) % 2
+    need_x += (need_x - nx) % 2
+    return need_y, need_x
+
+
 def slice_spacing_m(
     shape_zyx: Sequence[int], voxel_size_m: float, angle_deg: float, n_slices: int
 ) -> float:

@@ -74,7 +74,7 @@ def lab_slab_integrals(
     )[0]  # (C, n_samples, ny, Nx)
     slabs = sampled.reshape(n_ch, n_slabs, per_slab, ny, nx_field).sum(dim=2) * step
     out = torch.zeros((n_ch, n_slabs, ny_field, nx_field), dtype=volumes.dtype, device=volumes.device)
-    row0 = frame_px // 2
+    row0 = geometry.sample_row0(ny_field, ny)  # frame_px // 2 for the default field
     out[:, :, row0 : row0 + ny, :] = slabs
     return out
 
