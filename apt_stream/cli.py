@@ -147,6 +147,56 @@ def validate(
         _print_json(summary)
 
 
+@app.command("import")
+def import_(
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="ptychi | nexus")],
+    source: Annotated[Path, typer.Argument(help="Input: .npz / .h5 (ptychi) or NeXus .h5.")],
+    output: Annotated[Path, typer.Argument(help="Scan file to write (.h5).")],
+    volume_shape: Annotated[str | None, typer.Option(help="Reconstruction grid NZ,NY,NX in object "
+                                                     "pixels (unless the input has one).")] = None,
+    slices: Annotated[int, typer.Option(help="L, the Approximant's slices.")] = 5,
+    origin: Annotated[str, typer.Option(help="Y,X (input pixels) of the rotation axis / sample "
+                                        "middle row in the positions' frame.")] = "0,0",
+    positions_order: Annotated[str, typer.Option(help="yx | xy columns of (K, 2) positions.")] = "yx",
+    phase_sign: Annotated[str | None, typer.Option(help="-1 (ours) | +1 (exp(+ikδt)); default: the format's.")] = None,
+    fft_norm: Annotated[str | None, typer.Option(help="ortho | backward.")] = None,
+    fft_centring: Annotated[str | None, typer.Option(help="centred | corner (DC at [0, 0]).")] = None,
+    position_reference: Annotated[str | None, typer.Option(help="corner | centre | centre_pixel.")] = None,
+    probe_plane: Annotated[str | None, typer.Option(help="entrance | axis.")] = None,
+) -> None:
+    """Convert a scan from another code's layout and conventions (docs/importing.md)."""
+    with _errors():
+        from apt_stream.io.importers import import_from_cli
+
+        _print_json(import_from_cli(
+            fmt, source, output, volume_shape=volume_shape, slices=slices, origin=origin,
+            positions_order=positions_order, phase_sign=phase_sign, fft_norm=fft_norm,
+            fft_centring=fft_centring, position_reference=position_reference,
+            probe_plane=probe_plane))
+
+
+@app.command()
+def check(
+    scan_path: Annotated[Path, typer.Argument(help="Scan file (.h5).")],
+    angles: Annotated[int, typer.Option(help="Angles to reconstruct.")] = 3,
+    iterations: Annotated[int, typer.Option(help="Multislice iterations per angle.")] = 30,
+) -> None:
+    """Fit a few angles hard: R-factor per angle, and loud warnings on convention errors (exit 2)."""
+    with _errors():
+        from rich.text import Text
+
+        from apt_stream.check import check_file
+
+        progress, update = progress_bar("checking angles")
+        with progress:
+            report = check_file(scan_path, n_angles=angles, iterations=iterations, progress=update)
+        _print_json(report)
+        for line in report["warnings"]:
+            console.print(Text("WARNING: ", style="bold red") + Text(line), soft_wrap=True)
+        if report["warnings"]:
+            raise typer.Exit(2)
+
+
 @app.command()
 def approximant(
     scan_path: Annotated[Path, typer.Argument(help="Scan file (.h5).")],
