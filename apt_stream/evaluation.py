@@ -98,6 +98,8 @@ class PhantomResult:
     volumes: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     #: what the network read at (N*, ±θ*): (Z, Y, X), or (C, Z, Y, X) with a SART channel
     network_input: np.ndarray | None = field(default=None, repr=False)
+    #: why ``main`` (and the sweeps) are empty: a single-class truth (reconstruct.metrics_skipped)
+    note: str | None = None
     seconds: float = 0.0
 
 
@@ -131,7 +133,7 @@ def evaluate_phantom(
     ``seed``); the gold scan is ``gold_setting`` (default the preset's gold scan), the N* scan is
     simulated at (N*, ±θ*) itself, and the N sweep takes subsets of it.
     """
-    from apt_stream.reconstruct import match_to, score
+    from apt_stream.reconstruct import match_to, metrics_skipped, score
 
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
@@ -150,23 +152,32 @@ def evaluate_phantom(
     volumes = {"approximant": approximant, **star_bank.apt(model, star)}
     volumes.update(star_bank.baselines(star))
     volumes["gold (SART, all angles)"] = gold
-    main = score(volumes, truth, exclude_z=exclude_z)
-    from apt_stream.io import GroundTruth
+    note = metrics_skipped(truth)
+    if note is not None:
+        say(f"phantom {seed}: {note}")
+        main, vs_gold, sweeps = {}, {}, False
+    else:
+        main = score(volumes, truth, exclude_z=exclude_z)
+        from apt_stream.io import GroundTruth
 
-    gold_truth = GroundTruth(
-        delta=match_to(gold, truth.delta), beta=truth.beta,
-        labels=np.where(match_to(gold, truth.delta) > _metal_threshold(gold, truth), 3, 1),
-        voxel_size_m=truth.voxel_size_m,
-    )
-    vs_gold = score(
-        {k: v for k, v in volumes.items() if not k.startswith("gold")}, gold_truth,
-        exclude_z=exclude_z,
-    )
+        gold_truth = GroundTruth(
+            delta=match_to(gold, truth.delta), beta=truth.beta,
+            labels=np.where(match_to(gold, truth.delta) > _metal_threshold(gold, truth), 3, 1),
+            voxel_size_m=truth.voxel_size_m,
+        )
+        gold_note = metrics_skipped(gold_truth)
+        if gold_note is not None:
+            say(f"phantom {seed}: against the gold standard: {gold_note}")
+        vs_gold = {} if gold_note else score(
+            {k: v for k, v in volumes.items() if not k.startswith("gold")}, gold_truth,
+            exclude_z=exclude_z,
+        )
     from apt_stream.model.inputs import network_input
 
     result = PhantomResult(seed=seed, main=main, vs_gold=vs_gold, volumes={**volumes, "truth": truth.delta},
                            network_input=network_input(model, approximant,
-                                                       star_bank.projection_set(star, refined=False)))
+                                                       star_bank.projection_set(star, refined=False)),
+                           note=note)
     if sweeps:
         for n in N_SWEEP:
             idx = list(select_angles(star_bank.scan.angles_deg, n, theta_star))
@@ -239,6 +250,9 @@ def _sweep_scores(model, bank: AngleBank, idx, truth, exclude_z=None) -> dict:
 
 
 def _mean_table(results: Sequence[PhantomResult], attr: str) -> dict[str, dict]:
+    results = [r for r in results if getattr(r, attr)]  # skipped (single-class truth): left out
+    if not results:
+        return {}
     methods = getattr(results[0], attr).keys()
     out = {}
     for m in methods:
@@ -250,6 +264,9 @@ def _mean_table(results: Sequence[PhantomResult], attr: str) -> dict[str, dict]:
 
 
 def _mean_sweep(results: Sequence[PhantomResult], attr: str) -> list[dict]:
+    results = [r for r in results if getattr(r, attr)]
+    if not results:
+        return []
     rows = []
     for i, first in enumerate(getattr(results[0], attr)):
         row = dict(first)

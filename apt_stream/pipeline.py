@@ -96,8 +96,14 @@ def approximant_of_file(
         "seconds": round(seconds, 3),
     }
     if scan.truth is not None:
-        result["pcc_vs_truth"] = round(float(pcc(volume, scan.truth.delta)), 4)
-        attrs["pcc_vs_truth"] = result["pcc_vs_truth"]
+        from apt_stream.reconstruct import metrics_skipped
+
+        note = metrics_skipped(scan.truth)
+        if note is None:
+            result["pcc_vs_truth"] = round(float(pcc(volume, scan.truth.delta)), 4)
+            attrs["pcc_vs_truth"] = result["pcc_vs_truth"]
+        else:
+            result["note"] = attrs["note"] = note
     write_volumes(output, volumes, voxel_size_m=scan.object_pixel_m, attrs=attrs)
     if png is not None:
         from apt_stream.figures import cross_sections_png

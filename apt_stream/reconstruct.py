@@ -126,8 +126,28 @@ def match_to(volume: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (((v - v.mean()) / (std if std > 0 else 1.0)) * r.std() + r.mean()).astype(np.float32)
 
 
+def metrics_skipped(truth) -> str | None:
+    """A one-line note when the truth cannot be scored (one class: all metal or none), else None.
+
+    DSC and BER need both classes and PCC/MS-SSIM a truth that varies; an empty field (a vacuum
+    scan) or a block of one material has neither, so metrics are skipped rather than failing.
+    """
+    from apt_stream.sim.materials import is_metal
+
+    metal = is_metal(truth.labels)
+    n_metal = int(np.count_nonzero(metal))
+    if 0 < n_metal < metal.size:
+        return None
+    which = "no metal" if n_metal == 0 else "all metal"
+    empty = " (an empty field)" if not np.any(np.asarray(truth.labels)) else ""
+    return f"metrics skipped: the ground truth has a single class ({which}{empty})"
+
+
 def score(volumes: Mapping[str, np.ndarray], truth, *, exclude_z=None) -> dict[str, dict]:
-    """The paper's four metrics of each volume against the ground truth (metal = METAL_LABELS)."""
+    """The paper's four metrics of each volume against the ground truth (metal = METAL_LABELS).
+
+    Check :func:`metrics_skipped` first: a single-class truth cannot be scored.
+    """
     from apt_stream.metrics import evaluate
     from apt_stream.sim.materials import is_metal
 
@@ -150,6 +170,8 @@ class Reconstruction:
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, dict] | None = None
     model_meta: dict | None = None
+    #: why ``metrics`` is None although the scan has a truth (:func:`metrics_skipped`)
+    note: str | None = None
 
 
 def reconstruct_scan(
@@ -187,10 +209,11 @@ def reconstruct_scan(
         angles, projections = engine.projections()  # the same six-iteration projections as DC
         volumes.update(baseline_volumes(angles, projections, scan.volume_shape_zyx))
         timings["baselines_s"] = time.perf_counter() - t0
-    metrics = score(volumes, scan.truth) if scan.truth is not None else None
+    note = metrics_skipped(scan.truth) if scan.truth is not None else None
+    metrics = score(volumes, scan.truth) if scan.truth is not None and note is None else None
     return Reconstruction(
         volumes=volumes, angles_deg=scan.angles_deg[indices], timings=timings, metrics=metrics,
-        model_meta=meta,
+        model_meta=meta, note=note,
     )
 
 
@@ -222,6 +245,8 @@ def reconstruct_file(
     }
     if rec.metrics:
         attrs["metrics"] = rec.metrics
+    if rec.note:
+        attrs["note"] = rec.note
     write_volumes(output, rec.volumes, voxel_size_m=scan.object_pixel_m, attrs=attrs)
     summary = {"output": str(output), **attrs}
     if png is not None:
