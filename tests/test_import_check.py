@@ -79,6 +79,7 @@ def test_check_flags_the_unconverted_scan(native, tmp_path):
     result = runner.invoke(app, ["check", str(path), *CHECK])
     assert result.exit_code == 2, result.output
     assert "WARNING: PROBE NORMALISATION" in result.output and "√(h·w)" in result.output
+    assert "WARNING: PHASE SIGN LOOKS INVERTED" in result.output
 
 
 @pytest.mark.parametrize("mistake, expect", [
