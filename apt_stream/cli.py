@@ -240,6 +240,10 @@ def demo(
         bool, typer.Option(help="Afterwards keep the Prefect UI and Tiled (apt-stream serve "
                            "WORKDIR) up until Ctrl-C.")
     ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Per-angle work on a local Dask cluster of N worker "
+                                 "processes (default: one worker thread).")
+    ] = None,
 ) -> None:
     """The live demo on loopback: Tiled, Prefect, 0MQ, a simulated beamline, APT, summary."""
     held: dict = {}
@@ -273,7 +277,7 @@ def demo(
                 workdir, preset=preset, seed=seed, rate_hz=rate or None, checkpoint=checkpoint,
                 baselines=baselines, say=lambda msg: console.print(f"[bold cyan]{msg}[/]"),
                 progress_factory=progress_bar, ephemeral=ephemeral,
-                keep_serving=hold if keep_serving else None,
+                keep_serving=hold if keep_serving else None, workers=workers,
             )
         if not held:
             show(summary)
@@ -496,6 +500,14 @@ def listen(
     run_idle_timeout: Annotated[
         float, typer.Option(min=1.0, help="Close a run with no document for this long (s) as abandoned.")
     ] = 600.0,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Per-angle work on a local Dask cluster of N "
+                                 "worker processes.")
+    ] = None,
+    dask: Annotated[
+        str | None, typer.Option(help="Per-angle work on the Dask scheduler at this address "
+                                 "(tcp://HOST:PORT).")
+    ] = None,
 ) -> None:
     """Serve a beamline: follow its proxy, reconstruct every scan live, publish to Tiled.
 
@@ -557,7 +569,7 @@ def listen(
                     theta_star_deg=theta_star, preview_every=preview_every,
                     max_runs=max_runs, device=device,
                     health_file=str(health_file) if health_file else None,
-                    run_idle_timeout_s=run_idle_timeout,
+                    run_idle_timeout_s=run_idle_timeout, workers=workers, dask_address=dask,
                 )
                 def work_done(result: dict) -> None:
                     # The flow's work is over; if Prefect cannot record its end (its server

@@ -84,8 +84,12 @@ def live_demo(
     ephemeral: bool = False,
     live_every: int | None = DEMO_LIVE_EVERY,
     keep_serving: Callable[[dict], None] | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Run the live demo end to end; returns the summary printed by the CLI.
+
+    ``workers``: the per-angle work on a local Dask cluster of that many worker processes
+    (None: the listener's own worker thread).
 
     Prefect: with ``PREFECT_API_URL`` set, that server; else (the default) a ``prefect server
     start`` with its web UI on a free 127.0.0.1 port, its SQLite database in ``<workdir>/prefect``;
@@ -148,14 +152,14 @@ def live_demo(
             p=p, rate_hz=rate_hz, checkpoint=checkpoint, baselines=baselines, say=say,
             progress_factory=progress_factory, live_every=live_every, keep_serving=keep_serving,
             t_start=t_start, device=device, work_root=work, work=run_dir, box=box,
-            prefect_ui=prefect_ui)
+            prefect_ui=prefect_ui, workers=workers)
     finally:
         outer.close()
 
 
 def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_every, keep_serving,
-          t_start, device, work_root: Path, work: Path, box: dict, prefect_ui: str | None
-          ) -> dict:
+          t_start, device, work_root: Path, work: Path, box: dict, prefect_ui: str | None,
+          workers: int | None = None) -> dict:
     """The demo once the scan is simulated and Prefect is up: steps 2-5 (``work``: this run's
     folder, ``work_root``: the demo folder with the Tiled store)."""
     from apt_stream.figures import preview_png
@@ -196,7 +200,7 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             spool_dir=str(work / "spool"), preview_dir=str(work / "previews"),
             checkpoint=str(checkpoint), max_runs=1, n_star=p.scan.n_angles,
             theta_star_deg=p.scan.angle_range_deg, backup_dir=str(work / "backup"),
-            live_every=live_every, device=device,
+            live_every=live_every, device=device, workers=workers,
         )
         resources = LiveResources(
             publisher=publisher, stop=stop,
@@ -317,6 +321,7 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             "prefect_flow_run_url": run_links.get("url"),
             "tiled_share_pct": round(100 * pub["tiled_s"] / live_s, 2) if live_s else None,
             "max_backlog_frames": live.get("max_backlog_frames"),
+            "dask_workers": (result.get("cluster") or {}).get("workers"),
             "acquired_fps": round(scan.n_frames / timings["acquisition_s"], 1),
             "pipeline_capacity_fps": (
                 round(live["frames_processed"] / live["worker_busy_s"], 1)

@@ -14,6 +14,7 @@ engine factory and reconstruct function, a ground-truth function, a stop event â
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import threading
@@ -66,6 +67,12 @@ class ListenConfig(BaseModel):
     )
     angles_per_task: int | None = Field(
         None, ge=1, description="finished angles per Prefect task (None: from measured compute)"
+    )
+    workers: int | None = Field(
+        None, ge=1, description="per-angle work on a local Dask cluster of this many workers"
+    )
+    dask_address: str | None = Field(
+        None, description="per-angle work on the Dask scheduler at this address (tcp://HOST:PORT)"
     )
     max_duration_s: float | None = Field(None, gt=0, description="stop after this long")
     max_runs: int | None = Field(None, ge=1, description="stop after this many scans")
@@ -171,6 +178,11 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
     dict
         Per-scan summaries and the listener's, reconstructor's and publisher's counters.
     """
+    with contextlib.ExitStack() as resources_stack:
+        return _listen(config, resources, resources_stack)
+
+
+def _listen(config: ListenConfig, resources: Any, resources_stack: contextlib.ExitStack) -> dict:
     log = get_run_logger()
     res = resources if resources is not None else LiveResources()
     if not isinstance(res, LiveResources):
@@ -196,10 +208,19 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
         publisher.run_metadata.update(run_metadata)
     from .wiring import engine_factory as default_engine_factory
 
+    cluster = None
+    if res.engine_factory is None and (config.workers or config.dask_address):
+        from apt_stream.cluster import open_cluster
+
+        cluster = resources_stack.enter_context(
+            open_cluster(workers=config.workers, address=config.dask_address))
+        log.info("per-angle work on the Dask cluster at %s (%d workers)", cluster.address,
+                 len(cluster.workers))
     bridge = LiveBridge(
         publisher,
         engine_factory=res.engine_factory or default_engine_factory(
-            device=config.device, data_consistency=model_info.get("data_consistency_sweeps", 0) > 0),
+            device=config.device, data_consistency=model_info.get("data_consistency_sweeps", 0) > 0,
+            cluster=cluster),
         reconstruct_fn=reconstruct_fn,
         tasks=tasks.LIVE_TASKS,
         attach_timeout_s=config.attach_timeout_s,
@@ -297,6 +318,8 @@ def listen(config: ListenConfig, resources: Any = None) -> dict:
         "publisher": publisher.stats() if hasattr(publisher, "stats") else None,
         "states_caught_up": list(catchup.caught_up),
         "states_pending": catchup.pending,
+        "cluster": None if cluster is None else {"address": cluster.address,
+                                                 "workers": len(cluster.workers)},
     }
     if res.on_done is not None:
         res.on_done(result)

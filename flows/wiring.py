@@ -13,16 +13,20 @@ from pathlib import Path
 from typing import Any
 
 
-def engine_factory(*, device: str = "cpu", data_consistency: bool = False) -> Callable[[Any], Any]:
+def engine_factory(*, device: str = "cpu", data_consistency: bool = False,
+                   cluster: Any = None) -> Callable[[Any], Any]:
     """``factory(header)`` -> the physics engine's streaming Approximant for that run.
 
     With ``data_consistency`` each finished angle keeps iterating to the projections the
     consistency sweeps need (``DC_PROJECTION_ITERATIONS``); without it that work is skipped.
+    With a ``cluster`` (:class:`apt_stream.cluster.Cluster`) the angles run on its Dask workers.
     """
     from apt_stream.physics.consistency import DC_PROJECTION_ITERATIONS
     from apt_stream.physics.engine import ScanGeometry, StreamingApproximant
 
     iterations = DC_PROJECTION_ITERATIONS if data_consistency else None
+    if cluster is not None:
+        return cluster.engine_factory(projection_iterations=iterations, device=device)
 
     def make(header: Any) -> Any:
         return StreamingApproximant(ScanGeometry.from_scan(header), device=device,

@@ -687,6 +687,12 @@ class StreamingApproximant:
     def pending_angles(self) -> list[int]:
         return sorted(self._states)
 
+    def forget_angle(self, angle_id: int) -> None:
+        """Drop an unfinished angle's frames and pass-1 sums (it is about to be replayed)."""
+        self._states.pop(angle_id, None)
+        self._first_loss.pop(angle_id, None)
+        self._angle_deg.pop(angle_id, None)
+
     def projections(self, *, refined: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(angles_deg (N,), projections (N, ny, Nx)) of the finished angles, sorted by angle.
 

@@ -85,7 +85,18 @@ class _LiveRun:
     frames_failed: int = 0
     angles_short: set[int] = field(default_factory=set)  # angles that lost refused batches
     angles_failed: set[int] = field(default_factory=set)
+    #: angles an engine finishes elsewhere (``start_finish``), in the order asked: -> the
+    #: arrival time of the angle's last frame
+    finishing: dict[int, float | None] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _FinishReady:
+    """An engine finished an angle elsewhere (a Dask worker): its summary can be taken."""
+
+    run_uid: str
+    angle_id: int
 
 
 class LiveReconstructor:
@@ -142,6 +153,7 @@ class LiveReconstructor:
         self._queued_frames = 0
         self._busy = False
         self._closed = False
+        self._finishing = 0  # angles an engine is finishing elsewhere, not yet taken back
         self._runs: dict[str, _LiveRun] = {}
         #: Final status and numbers of every run seen, by run uid.
         self.run_stats: dict[str, dict[str, Any]] = {}
@@ -195,7 +207,7 @@ class LiveReconstructor:
         """Wait until every submitted message is processed; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._busy:
+            while self._queue or self._busy or self._finishing:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -257,6 +269,8 @@ class LiveReconstructor:
     def _handle(self, item: Message) -> None:
         if isinstance(item, RunHeader):
             self._start_run(item)
+        elif isinstance(item, _FinishReady):
+            self._finish_ready(item)
         elif isinstance(item, FrameBatch):
             self._batch(item)
         else:
@@ -314,17 +328,57 @@ class LiveReconstructor:
                                   f"{scope} angle {batch.angle_id} completed without usable "
                                   "frames; skipped")
             return
+        start_finish = getattr(engine, "start_finish", None)
+        if callable(start_finish):
+            # The engine finishes the angle elsewhere (a Dask worker): go on with the next
+            # frames now and take the angle's summary when it is ready.
+            try:
+                future = start_finish(batch.angle_id)
+            except Exception as exc:
+                self._angle_failed(run, batch.angle_id, exc)
+                return
+            run.finishing[batch.angle_id] = batch.received_at
+            with self._cond:
+                self._finishing += 1
+            future.add_done_callback(
+                lambda _f, uid=batch.run_uid, a=batch.angle_id: self._post(_FinishReady(uid, a)))
+            return
+        self._complete_angle(run, batch.angle_id, batch.received_at)
+
+    def _post(self, item: _FinishReady) -> None:
+        """From an engine's thread: queue an internal message for the worker (never blocks)."""
+        with self._cond:
+            self._queue.append(item)
+            self._cond.notify_all()
+
+    def _finish_ready(self, item: _FinishReady) -> None:
+        with self._cond:
+            self._finishing -= 1
+        run = self._runs.get(item.run_uid)
+        if run is None or item.angle_id not in run.finishing:
+            return  # taken already (the run's stop waited for it)
+        self._complete_angle(run, item.angle_id, run.finishing.pop(item.angle_id))
+
+    def _angle_failed(self, run: _LiveRun, angle_id: int, exc: BaseException) -> None:
+        scope = f"run {run.header.run_uid}"
+        run.angles_failed.add(angle_id)
+        self._metrics["angles_failed"] += 1
+        message = (f"{scope} angle {angle_id} could not be finished "
+                   f"({type(exc).__name__}: {exc}); skipped")
+        self._problems.report(scope, cause_of(message), message)
+
+    def _complete_angle(self, run: _LiveRun, angle_id: int, received_at: float | None) -> None:
+        """Finish the angle (or take its summary), publish it and ask the trigger."""
+        if run.failed or run.engine is None:
+            return
+        engine = run.engine
         try:
-            summary = engine.finish_angle(batch.angle_id)
+            summary = engine.finish_angle(angle_id)
         except Exception as exc:
-            run.angles_failed.add(batch.angle_id)
-            self._metrics["angles_failed"] += 1
-            message = (f"{scope} angle {batch.angle_id} could not be finished "
-                       f"({type(exc).__name__}: {exc}); skipped")
-            self._problems.report(scope, cause_of(message), message)
+            self._angle_failed(run, angle_id, exc)
             return
         self._metrics["angles_finished"] += 1
-        self._sink("angle_finished", batch.run_uid, summary, engine)
+        self._sink("angle_finished", run.header.run_uid, summary, engine)
         try:
             finished = engine.finished_angles_deg()
             decision = run.trigger.update(finished)
@@ -333,7 +387,7 @@ class LiveReconstructor:
                     run.stats["fired_after_s"] = time.perf_counter() - run.started
                     run.stats["fired_at_n"] = run.trigger.fired_at_n
                     # Latency is measured from here: the last frame the trigger needed had arrived.
-                    run.stats["trigger_frame_received_at"] = batch.received_at
+                    run.stats["trigger_frame_received_at"] = received_at
                 self._reconstruct(run, len(finished), final=False)
         except Exception as exc:
             self._fail(run, f"{type(exc).__name__}: {exc}")
@@ -355,11 +409,16 @@ class LiveReconstructor:
         self._sink("reconstruction_ready", run.header.run_uid, volumes, final=final)
 
     def _stop_run(self, stopped: RunStopped) -> None:
-        run = self._runs.pop(stopped.run_uid, None)
+        run = self._runs.get(stopped.run_uid)
         if run is None:
             self._problems.report("live", "stop for unknown run",
                                   f"stop for unknown run {stopped.run_uid} ignored")
             return
+        # Angles still finishing elsewhere belong to the run: take them first, in order.
+        while run.finishing:
+            angle_id = next(iter(run.finishing))
+            self._complete_angle(run, angle_id, run.finishing.pop(angle_id))
+        self._runs.pop(stopped.run_uid, None)
         gaps = self._gaps(run, stopped)
         run.stats.update(exit_status=stopped.exit_status, reason=stopped.reason,
                          frames_dropped=stopped.n_dropped, **gaps)
@@ -401,6 +460,12 @@ class LiveReconstructor:
 
     def _finished(self, run: _LiveRun, status: str) -> None:
         self._problems.summarise(f"run {run.header.run_uid}")
+        close = getattr(run.engine, "close", None)
+        if callable(close):  # an engine on a cluster frees the run's state on its workers
+            try:
+                close()
+            except Exception:
+                log.exception("closing the engine of run %s failed", run.header.run_uid)
         if self.on_run_finished is not None:
             try:
                 self.on_run_finished(run.header.run_uid, status)
