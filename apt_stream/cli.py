@@ -285,26 +285,51 @@ def demo(
 
 @app.command()
 def reconstruct(
-    scan_path: Annotated[Path, typer.Argument(help="Scan file (.h5).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Volume file to write.")],
+    scan_path: Annotated[str, typer.Argument(
+        help="Scan file (.h5), or a run stored in Tiled: tiled://HOST[:PORT]/PATH/<uid>.")],
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Volume file to write (scan files; tiled:// results go to Tiled).")] = None,
     angles: Annotated[
-        int | None, typer.Option(help="Use N angles spread over ±RANGE (default: all the scan's angles).")
+        int | None, typer.Option(help="Use N angles spread over ±RANGE (default: all the scan's "
+                                      "angles); tiled://: the trigger's N* (default 29).")
     ] = None,
     range_deg: Annotated[
-        float | None, typer.Option("--range", help="Angular range ±deg (default: the scan's own).")
+        float | None, typer.Option("--range", help="Angular range ±deg (default: the scan's own); "
+                                                   "tiled://: the trigger's θ* (default 17).")
     ] = None,
     baselines: Annotated[bool, typer.Option(help="Also FBP, SIRT and SART on the same angles.")] = False,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Network checkpoint (default: the shipped cpu model).")
     ] = None,
     png: Annotated[Path | None, typer.Option(help="Also write cross-sections to this PNG.")] = None,
+    data_root: Annotated[list[Path] | None, typer.Option(
+        help="tiled://: folder the run's probe and frames files may be read from (repeatable).")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        help="tiled://: Tiled API key (default $APT_STREAM_TILED_API_KEY; the variable keeps it "
+             "out of the process list).")] = None,
 ) -> None:
-    """Approximant → APT network (→ baselines) on the scan's angles (or N within ±RANGE); writes volumes."""
+    """Approximant → APT network (→ baselines) on the scan's angles (or N within ±RANGE); writes volumes.
+
+    With tiled://HOST/PATH/<uid> the stored Bluesky run is reconstructed like a live one (same
+    engine, trigger and Tiled publishing) and its result links back to the raw run.
+    """
     with _errors():
+        if "://" in scan_path:
+            from apt_stream.cli_tiled import reconstruct_tiled
+
+            _print_json(reconstruct_tiled(
+                scan_path, data_roots=data_root, api_key=api_key, n_star=angles,
+                theta_star_deg=range_deg, checkpoint=checkpoint, output=output,
+                baselines=baselines, png=png))
+            return
+        if output is None:
+            from apt_stream.errors import InputError
+
+            raise InputError("a scan file needs -o/--output (the volume file to write)")
         from apt_stream.reconstruct import reconstruct_file
 
         summary = reconstruct_file(
-            scan_path, output, n_angles=angles, range_deg=range_deg, checkpoint=checkpoint,
+            Path(scan_path), output, n_angles=angles, range_deg=range_deg, checkpoint=checkpoint,
             with_baselines=baselines, png=png, progress_factory=progress_bar,
         )
         _print_json(summary)
@@ -696,6 +721,12 @@ def bench_approximant(
 def bench_inference(as_json: _JSON = False, quick: _QUICK = False) -> None:
     """Voxels/s of stitched inference, eager fp32 vs the optimised path, with the PCC difference."""
     _run_bench("benchmark_inference", as_json, quick=quick)
+
+
+@bench_app.command("scale")
+def bench_scale(as_json: _JSON = False, quick: _QUICK = False) -> None:
+    """The demo scan on 1 and 2 Dask workers (speed-up, efficiency) and paper-scale sizing."""
+    _run_bench("benchmark_scale", as_json, quick=quick)
 
 
 @bench_app.command("live")

@@ -83,6 +83,9 @@ class ListenConfig(BaseModel):
     )
     max_runs_in_flight: int = Field(16, ge=1, description="open runs at most")
     health_file: str | None = Field(None, description="liveness JSON, rewritten every 5 s")
+    store_raw: bool = Field(
+        True, description="store each raw run in Tiled (raw/<uid>, bluesky-tiled-plugins' "
+        "TiledWriter); the Tiled server must be allowed to read the data roots")
     curve_server_key: str | None = Field(
         None, description="the proxy's CURVE public key (Z85); set to require CURVE"
     )
@@ -214,8 +217,8 @@ def _listen(config: ListenConfig, resources: Any, resources_stack: contextlib.Ex
 
         cluster = resources_stack.enter_context(
             open_cluster(workers=config.workers, address=config.dask_address))
-        log.info("per-angle work on the Dask cluster at %s (%d workers)", cluster.address,
-                 len(cluster.workers))
+        log.info("per-angle work on the Dask cluster at %s (%d workers; dashboard %s)",
+                 cluster.address, len(cluster.workers), cluster.dashboard)
     bridge = LiveBridge(
         publisher,
         engine_factory=res.engine_factory or default_engine_factory(
@@ -240,10 +243,22 @@ def _listen(config: ListenConfig, resources: Any, resources_stack: contextlib.Ex
                              preview_every=config.preview_every),
         on_run_finished=run_finished,
     )
-    listener = Listener(config.proxy_address, emit=live.submit, data_roots=config.data_roots,
+    raw_store = None
+    emit = live.submit
+    if config.store_raw:
+        from apt_stream.publish.raw import open_raw_store
+        from apt_stream.stream.tiled_source import with_raw_run
+
+        raw_store = open_raw_store(getattr(publisher, "root", None),
+                                   backup_dir=Path(config.backup_dir) / "raw")
+        if raw_store is not None:
+            emit = with_raw_run(live.submit, raw_store.link)
+    listener = Listener(config.proxy_address, emit=emit, data_roots=config.data_roots,
                         spool_dir=config.spool_dir, run_idle_timeout_s=config.run_idle_timeout_s,
                         max_runs_in_flight=config.max_runs_in_flight,
-                        health_file=config.health_file, **config.curve_options())
+                        health_file=config.health_file,
+                        consumers=[raw_store] if raw_store is not None else (),
+                        **config.curve_options())
     should_stop = _stopper(config, res.stop)
     scans: list[dict] = []
     lock = threading.Lock()
@@ -310,6 +325,8 @@ def _listen(config: ListenConfig, resources: Any, resources_stack: contextlib.Ex
             thread.join(5)
         catchup.stop()
         catchup.try_now()
+        if raw_store is not None:
+            raw_store.close()
     result = {
         "scans": scans,
         "listener": listener.stats(),
@@ -318,8 +335,10 @@ def _listen(config: ListenConfig, resources: Any, resources_stack: contextlib.Ex
         "publisher": publisher.stats() if hasattr(publisher, "stats") else None,
         "states_caught_up": list(catchup.caught_up),
         "states_pending": catchup.pending,
+        "raw_runs": None if raw_store is None else raw_store.stats(),
         "cluster": None if cluster is None else {"address": cluster.address,
-                                                 "workers": len(cluster.workers)},
+                                                 "workers": len(cluster.workers),
+                                                 "dashboard": cluster.dashboard},
     }
     if res.on_done is not None:
         res.on_done(result)

@@ -32,6 +32,11 @@ class Cluster:
         return str(self.client.scheduler.address)
 
     @property
+    def dashboard(self) -> str | None:
+        """Dask's status page (per-worker tasks, memory), when the scheduler serves one."""
+        return getattr(self.client, "dashboard_link", None)
+
+    @property
     def workers(self) -> list[str]:
         return sorted(self.client.nthreads())
 
@@ -70,7 +75,8 @@ def open_cluster(*, workers: int | None = None, address: str | None = None,
     try:
         if workers is not None:
             local = LocalCluster(n_workers=int(workers), threads_per_worker=threads_per_worker,
-                                 processes=True, host="127.0.0.1", dashboard_address=None,
+                                 processes=True, host="127.0.0.1",
+                                 dashboard_address="127.0.0.1:0",  # Dask's status page
                                  silence_logs=logging.ERROR)
             client = Client(local, timeout=timeout_s)
         else:
