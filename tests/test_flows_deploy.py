@@ -18,7 +18,9 @@ def test_prefect_yaml_entrypoints_load_and_parameters_validate():
     from prefect.flows import load_flow_from_entrypoint
 
     names = {d["name"]: d for d in deployments()}
-    assert set(names) == {"beamline-listen", "flight-check"}
+    assert {"beamline-listen", "beamline-listen-cluster", "flight-check"} <= set(names)
+    assert names["beamline-listen-cluster"]["parameters"]["config"]["dask_address"].startswith(
+        "tcp://")
     for deployment in names.values():
         flow_ = load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False)
         # The flow's own parameter validation: what a worker will do with these values.
