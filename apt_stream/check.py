@@ -172,11 +172,12 @@ def check_scan_data(scan, *, n_angles: int = 3, iterations: int = 30,
     from apt_stream.errors import InputError
     from apt_stream.io.conventions import flip_frequencies
     from apt_stream.metrics import pcc
-    from apt_stream.physics.engine import ScanGeometry
+    from apt_stream.physics.engine import ScanGeometry, check_slice_spacing
 
     warnings: list[str] = []
     try:
         geom = ScanGeometry.from_scan(scan)
+        check_slice_spacing(geom)
     except InputError as exc:
         return {"ok": False, "warnings": [f"ENGINE REJECTS THE SCAN: {exc}"], "angles": []}
     picks = _pick_angles(np.asarray(scan.angles_deg), n_angles)

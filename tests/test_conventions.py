@@ -126,3 +126,12 @@ def test_field_shape_for_positions_holds_any_extent():
     assert corner.min() >= -0.01 and (corner[:, 0].max() <= big_y - 16 + 0.01)
     assert corner[:, 1].max() <= big_x - 16 + 0.01
     assert (big_y - 24) % 2 == 0 and (big_x - 32) % 2 == 0
+
+
+def test_check_reports_the_engine_refusal(scan):
+    from apt_stream.check import check_scan_data
+
+    bad = dataclasses.replace(scan, slice_spacing_m=scan.slice_spacing_m * 1.5)
+    report = check_scan_data(bad)
+    assert not report["ok"] and report["warnings"][0].startswith(
+        "ENGINE REJECTS THE SCAN: /entry/object/slice_spacing: angle 0")

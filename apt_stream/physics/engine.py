@@ -476,6 +476,8 @@ class ScanGeometry:
     #: "entrance": the probe is each angle's field at its entrance face z′ = −D(θ)/2 and meets
     #: slice 1 as it is; "axis": it is given at z′ = 0 and propagated by −D(θ)/2 per angle
     probe_plane: str = "entrance"
+    #: angle index -> (angle_deg, stored slice spacing m), checked when the angle is used
+    stored_spacing: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.probe_plane not in ("entrance", "axis"):
@@ -487,8 +489,10 @@ class ScanGeometry:
 
         The engine places its L slices over the sample's extent along the beam, so the slice
         spacing at angle θ is D(θ)·voxel/L (docs/conventions.md). A stored ``slice_spacing_m``
-        is checked against that and **rejected** (InputError naming the angle) when it differs
-        by more than :data:`SLICE_SPACING_RTOL`: the engine does not silently use another.
+        is kept and checked against that when an angle is first used
+        (:meth:`StreamingApproximant.add_frames`, :func:`check_slice_spacing`): one differing
+        by more than :data:`SLICE_SPACING_RTOL` is **rejected** (InputError naming the angle),
+        never silently replaced.
         """
         geom = cls(
             probe=scan.probe,
@@ -503,7 +507,11 @@ class ScanGeometry:
         stored = getattr(scan, "slice_spacing_m", None)
         angles = getattr(scan, "angles_deg", None)
         if stored is not None and angles is not None:
-            check_slice_spacing(stored, angles, geom)
+            stored = np.asarray(stored, dtype=np.float64).reshape(-1)
+            angles = np.asarray(angles, dtype=np.float64).reshape(-1)
+            if stored.shape == angles.shape:
+                geom.stored_spacing = {n: (float(a), float(d))
+                                       for n, (a, d) in enumerate(zip(angles, stored, strict=True))}
         return geom
 
     def slice_spacing_m(self, angle_deg: float) -> float:
@@ -528,15 +536,13 @@ class ScanGeometry:
 SLICE_SPACING_RTOL = 1e-3
 
 
-def check_slice_spacing(stored, angles_deg, geom: ScanGeometry) -> None:
-    """Raise InputError when a stored per-angle slice spacing is not D(θ)·voxel/L."""
-    stored = np.asarray(stored, dtype=np.float64).reshape(-1)
-    angles = np.asarray(angles_deg, dtype=np.float64).reshape(-1)
-    if stored.shape != angles.shape:
-        raise InputError(
-            f"/entry/object/slice_spacing: {stored.size} values for {angles.size} angles"
-        )
-    for n, (dz, angle) in enumerate(zip(stored, angles, strict=True)):
+def check_slice_spacing(geom: ScanGeometry, angle_ids=None) -> None:
+    """Raise InputError when a stored slice spacing (of the given angles, default all) is not
+    D(θ)·voxel/L."""
+    items = geom.stored_spacing.items()
+    for n, (angle, dz) in items:
+        if angle_ids is not None and n not in angle_ids:
+            continue
         want = geom.slice_spacing_m(float(angle))
         if not abs(dz - want) <= SLICE_SPACING_RTOL * want:
             depth = geometry.beam_extent_px(geom.volume_shape_zyx, float(angle))
@@ -601,6 +607,9 @@ class StreamingApproximant:
         state = self._states.get(angle_id)
         if state is None:
             g = self.geometry
+            stored = g.stored_spacing.get(angle_id)
+            if stored is not None and abs(stored[0] - float(angle_deg)) < 1e-6:
+                check_slice_spacing(g, [angle_id])
             spacing = g.slice_spacing_m(angle_deg)
             state = AngleState(
                 g.probe_at_entrance(angle_deg),
