@@ -317,10 +317,16 @@ def reconstruct(
         if "://" in scan_path:
             from apt_stream.cli_tiled import reconstruct_tiled
 
-            _print_json(reconstruct_tiled(
+            summary = reconstruct_tiled(
                 scan_path, data_roots=data_root, api_key=api_key, n_star=angles,
                 theta_star_deg=range_deg, checkpoint=checkpoint, output=output,
-                baselines=baselines, png=png))
+                baselines=baselines, png=png)
+            _print_json(summary)
+            if summary["status"] not in ("done", "done_with_gaps"):
+                from apt_stream.errors import InputError
+
+                raise InputError(f"run {summary['run_uid']} ended {summary['status']!r}: no APT "
+                                 "volume (N*/θ* are --angles/--range; see 'run' above)")
             return
         if output is None:
             from apt_stream.errors import InputError

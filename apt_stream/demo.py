@@ -183,7 +183,9 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
     with ExitStack() as stack:
         say("2/5 starting Tiled (embedded), the 0MQ proxy and the Prefect listen flow"
             + (f"; Prefect UI at {prefect_ui}" if prefect_ui else ""))
-        endpoint = stack.enter_context(local_tiled_server(work_root / "tiled"))
+        # Raw runs (raw/<uid>, TiledWriter) reference the detector files under run-NNN/runs.
+        endpoint = stack.enter_context(local_tiled_server(work_root / "tiled",
+                                                          readable_storage=[work_root]))
         proxy = start_proxy()
         stack.callback(proxy.stop)
         # Approximant uploads at most every 5 s (angle rows go up at once): keeps Tiled's share of
@@ -333,6 +335,12 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             "tiled_uri": endpoint.uri,
             "tiled_data": str(endpoint.data_dir),
             "client_snippet": client_snippet(run_uid, endpoint.data_dir),
+            # The raw run TiledWriter stored, and how to reconstruct it again from Tiled.
+            "raw_run": node.metadata.get("raw_run"),
+            "reconstruct_from_tiled": (
+                f"apt-stream reconstruct tiled://127.0.0.1:8000/raw/{run_uid} --data-root "
+                f"{work_root} --angles {p.scan.n_angles} --range {p.scan.angle_range_deg:g}"
+                "   # with `apt-stream serve` running"),
             "previews": sorted(str(x) for x in (work / "previews").glob("*.png")),
             "scan_file": str(scan_path),
             "run_dir": str(work),

@@ -19,7 +19,10 @@ def tiled_server(tmp_path_factory):
     """
     from apt_stream.publish.server import local_tiled_server
 
-    with local_tiled_server(tmp_path_factory.mktemp("tiled")) as endpoint:
+    # It may read files anywhere under this session's temporary folders: the detector files
+    # raw runs stored by TiledWriter reference (tests/test_tiled_source.py).
+    with local_tiled_server(tmp_path_factory.mktemp("tiled"),
+                            readable_storage=[tmp_path_factory.getbasetemp()]) as endpoint:
         yield endpoint
 
 

@@ -18,13 +18,15 @@ def test_prefect_yaml_entrypoints_load_and_parameters_validate():
     from prefect.flows import load_flow_from_entrypoint
 
     names = {d["name"]: d for d in deployments()}
-    assert {"beamline-listen", "beamline-listen-cluster", "flight-check"} <= set(names)
+    assert {"beamline-listen", "beamline-listen-cluster", "flight-check", "end-of-run"} <= set(names)
     assert names["beamline-listen-cluster"]["parameters"]["config"]["dask_address"].startswith(
         "tcp://")
     for deployment in names.values():
         flow_ = load_flow_from_entrypoint(deployment["entrypoint"], use_placeholder_flow=False)
         # The flow's own parameter validation: what a worker will do with these values.
-        validated = flow_.validate_parameters(deployment["parameters"])
+        # The end-of-run deployment gets its run's address per flow run.
+        example = {"uri": "tiled://127.0.0.1:8000/raw/uid"} if deployment["name"] == "end-of-run" else {}
+        validated = flow_.validate_parameters({**example, **deployment["parameters"]})
         assert validated["config"].model_dump(exclude_unset=True) == deployment["parameters"]["config"]
     (schedule,) = names["flight-check"]["schedules"]
     assert schedule["cron"]

@@ -139,7 +139,12 @@ def relocate_catalog(data_dir: str | os.PathLike) -> dict[str, Any]:
     con = sqlite3.connect(catalog, timeout=30)
     try:
         with con:
-            rows = con.execute("SELECT id, data_uri FROM assets").fetchall()
+            # External assets (the detector files of raw runs, apt_stream.publish.raw) are
+            # the beamline's files, not the folder's: they stay where they are.
+            rows = con.execute(
+                "SELECT id, data_uri FROM assets WHERE id NOT IN ("
+                "SELECT a.asset_id FROM data_source_asset_association a JOIN data_sources d "
+                "ON a.data_source_id = d.id WHERE d.management = 'external')").fetchall()
             for asset_id, uri in rows:
                 path = _asset_path(uri or "")
                 if path is None or path.is_relative_to(root):
@@ -399,6 +404,9 @@ class ResultsServer:
         d = self.data_dir
         catalog = catalog_from_uri(
             d / CATALOG, writable_storage=[d / "data", f"duckdb:///{d / TABLE_STORE}"],
+            # The raw runs' detector files (apt_stream.publish.raw) sit beside the catalog
+            # folder (the demo's run-NNN/runs/...).
+            readable_storage=[str(d.parent)],
             init_if_not_exists=False,
             cache_config=StreamingCacheConfig(uri="memory").model_dump(),
         )

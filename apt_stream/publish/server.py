@@ -91,7 +91,8 @@ def endpoint_from_env(environ: Mapping[str, str] | None = None) -> TiledEndpoint
 
 @contextlib.contextmanager
 def local_tiled_server(
-    data_dir: str | os.PathLike | None = None, *, api_key: str | None = None
+    data_dir: str | os.PathLike | None = None, *, api_key: str | None = None,
+    readable_storage: Sequence[str | os.PathLike] | None = None,
 ) -> Iterator[TiledEndpoint]:
     """Run a writable Tiled server on 127.0.0.1 (free port) for the duration of the block.
 
@@ -102,6 +103,9 @@ def local_tiled_server(
         temporary folder, deleted afterwards.
     api_key
         Key clients must present; default a fresh 256-bit random hex key.
+    readable_storage
+        Folders of external files the server may serve (the detector files raw runs stored by
+        ``TiledWriter`` reference: :mod:`apt_stream.publish.raw`).
 
     Yields
     ------
@@ -126,7 +130,10 @@ def local_tiled_server(
 
             relocate_catalog(data_dir)
     try:
-        server = SimpleTiledServer(directory=data_dir, api_key=key)
+        server = SimpleTiledServer(
+            directory=data_dir, api_key=key,
+            readable_storage=[str(Path(p).resolve()) for p in readable_storage or ()] or None,
+        )
     except Exception as exc:
         where = f" (see {data_dir / 'error.log'})" if data_dir is not None else ""
         raise ServiceError(f"embedded Tiled server did not start: {exc}{where}") from None

@@ -67,6 +67,9 @@ class Listener:
     health_file
         Rewritten (atomically) every ``health_every_s`` with the counters and the time of the
         last poll: a supervisor's liveness probe.
+    consumers
+        Further document consumers ``(name, doc)`` (e.g. a
+        :class:`~apt_stream.publish.raw.RawRunStore`), after the spool, before the assembler.
     source_options
         Further :class:`ZmqDocumentSource` keywords (``limits``, ``curve_server_key``,
         ``curve_public_key``, ``curve_secret_key``, ...).
@@ -90,6 +93,7 @@ class Listener:
         max_runs_in_flight: int = 16,
         health_file: str | os.PathLike | None = None,
         health_every_s: float = 5.0,
+        consumers: Iterable[Callable[[str, dict], object]] = (),
         **source_options,
     ) -> None:
         self.roots = DataRoots(data_roots)
@@ -108,7 +112,7 @@ class Listener:
         self.recovered_at_start: list[str] = []
         self._recovery_done = not recover
         self.spool = RunSpool(spool_dir) if spool_dir is not None else None
-        consumers = ([self.spool] if self.spool else []) + [self.assembler]
+        consumers = ([self.spool] if self.spool else []) + list(consumers) + [self.assembler]
         recovery = RunRecovery(data_roots=self.roots, spool_dir=spool_dir) if recover else None
         self.pipeline = DocumentPipeline(consumers, recovery=recovery, strict=strict)
         self._thread: threading.Thread | None = None

@@ -39,6 +39,9 @@ class RunHeader:
     probe: np.ndarray = field(repr=False)
     run_dir: str = ""
     start: dict = field(default_factory=dict, repr=False)
+    #: Where the raw run is stored in Tiled (``{"uid", "tiled_path"[, "tiled_uri"]}``), when
+    #: it is: the reconstruction's metadata links back to it.
+    raw_run: dict | None = None
 
     @property
     def wavelength_m(self) -> float:
