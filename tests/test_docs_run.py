@@ -248,14 +248,15 @@ def test_serve_a_moved_demo_folder_arrays_table_ui_and_snippet(demo, tmp_path):
         with sqlite3.connect(catalog) as con:
             return [u for (u,) in con.execute("SELECT data_uri FROM assets")]
 
-    # Before: the copy's catalog names the original folder (what broke `tiled serve config`).
-    assert all(str(tiled_dir) in u for u in stored_uris())
+    # Before: the copy's catalog names the original folder (what broke `tiled serve config`);
+    # the raw run's detector file (raw/<uid>, TiledWriter) lies beside the catalog folder.
+    assert all(str(work) in u for u in stored_uris())
 
     serve = ServeProcess(moved)
     try:
         assert f"Tiled is serving {moved / tiled_dir.name}" in serve.banner
         assert re.search(r"moved:\s+\d+ stored paths now point into this folder", serve.banner)
-        assert all(str(moved) in u and str(tiled_dir) not in u for u in stored_uris())
+        assert all(str(moved) in u and str(work) not in u for u in stored_uris())
         key_file = moved / tiled_dir.name / "api_key"
         key = key_file.read_text().strip()
         assert oct(key_file.stat().st_mode & 0o777) == "0o600" and len(key) == 64

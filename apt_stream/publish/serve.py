@@ -140,11 +140,11 @@ def relocate_catalog(data_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         with con:
             # External assets (the detector files of raw runs, apt_stream.publish.raw) are
-            # the beamline's files, not the folder's: they stay where they are.
+            # not the catalog's own files: handled below.
+            external = "(SELECT a.asset_id FROM data_source_asset_association a JOIN " \
+                       "data_sources d ON a.data_source_id = d.id WHERE d.management = 'external')"
             rows = con.execute(
-                "SELECT id, data_uri FROM assets WHERE id NOT IN ("
-                "SELECT a.asset_id FROM data_source_asset_association a JOIN data_sources d "
-                "ON a.data_source_id = d.id WHERE d.management = 'external')").fetchall()
+                f"SELECT id, data_uri FROM assets WHERE id NOT IN {external}").fetchall()
             for asset_id, uri in rows:
                 path = _asset_path(uri or "")
                 if path is None or path.is_relative_to(root):
@@ -158,6 +158,22 @@ def relocate_catalog(data_dir: str | os.PathLike) -> dict[str, Any]:
                               .rstrip("/"))
                 con.execute("UPDATE assets SET data_uri = ? WHERE id = ?", (new, asset_id))
                 rewritten += 1
+            # A raw run's detector file that lay beside the old catalog folder (the demo's
+            # run-NNN/runs/...) and was copied or moved with it is pointed at the new place;
+            # any other (the beamline's own files) stays as it is.
+            beside = {Path(r).parent for r in old_roots}
+            for asset_id, uri in con.execute(
+                    f"SELECT id, data_uri FROM assets WHERE id IN {external}").fetchall():
+                path = _asset_path(uri or "")
+                if path is None:
+                    continue
+                for old in beside:
+                    if path.is_relative_to(old) and (root.parent / path.relative_to(old)).exists():
+                        cand = root.parent / path.relative_to(old)
+                        con.execute("UPDATE assets SET data_uri = ? WHERE id = ?",
+                                    (f"file://localhost{quote(cand.as_posix())}", asset_id))
+                        rewritten += 1
+                        break
     finally:
         con.close()
     if rewritten:
