@@ -146,9 +146,8 @@ def test_stored_run_bad_inputs_say_what_is_wrong(stored, tiled_server, tiled_roo
 
     from apt_stream.cli import app
     from apt_stream.errors import InputError
-    from apt_stream.stream.tiled_source import open_tiled_run, parse_tiled_uri
-
     from apt_stream.publish.server import check_writable
+    from apt_stream.stream.tiled_source import open_tiled_run, parse_tiled_uri
 
     check_writable(tiled_server)  # a plain container (not a run) to point at
     host, key = stored["host"], tiled_server.api_key
