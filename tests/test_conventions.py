@@ -135,3 +135,13 @@ def test_check_reports_the_engine_refusal(scan):
     report = check_scan_data(bad)
     assert not report["ok"] and report["warnings"][0].startswith(
         "ENGINE REJECTS THE SCAN: /entry/object/slice_spacing: angle 0")
+
+
+def test_scan_file_source_refuses_data_stored_in_other_conventions(scan, tmp_path):
+    from apt_stream.stream import ScanFileSource
+
+    path = write_scan(tmp_path / "s.h5", scan, conventions=PTYCHI)
+    with pytest.raises(ScanFormatError, match="stores its data in other conventions"):
+        next(iter(ScanFileSource(path)))
+    ours = write_scan(tmp_path / "ours.h5", read_scan(path))
+    assert next(iter(ScanFileSource(ours)))[0] == "start"

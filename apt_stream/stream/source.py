@@ -443,6 +443,16 @@ class ScanFileSource:
         from apt_stream.io import scan as scanfile
 
         scan = scanfile.read_scan(self.path, load_frames=False)
+        declared = getattr(scan.frames, "conventions", None)
+        if declared is not None and not declared.is_default:
+            # The documents point at the file's own datasets, which hold the data as stored.
+            from apt_stream.errors import ScanFormatError
+
+            raise ScanFormatError(
+                f"{self.path}: stores its data in other conventions ({declared.differences()}); "
+                "a scan-file source publishes the datasets as stored: write it in ours first "
+                "(apt_stream.io.write_scan(out, read_scan(path)))"
+            )
         keys = DataKeyMap()
         h, w = scan.frame_shape
         angle_index = np.asarray(scan.angle_index)
