@@ -163,6 +163,8 @@ def import_(
     fft_centring: Annotated[str | None, typer.Option(help="centred | corner (DC at [0, 0]).")] = None,
     position_reference: Annotated[str | None, typer.Option(help="corner | centre | centre_pixel.")] = None,
     probe_plane: Annotated[str | None, typer.Option(help="entrance | axis.")] = None,
+    even_width: Annotated[bool, typer.Option(help="Even column margin: voxel centres on field "
+                                             "pixels (default: the simulators' field).")] = False,
 ) -> None:
     """Convert a scan from another code's layout and conventions (docs/importing.md)."""
     with _errors():
@@ -172,7 +174,7 @@ def import_(
             fmt, source, output, volume_shape=volume_shape, slices=slices, origin=origin,
             positions_order=positions_order, phase_sign=phase_sign, fft_norm=fft_norm,
             fft_centring=fft_centring, position_reference=position_reference,
-            probe_plane=probe_plane))
+            probe_plane=probe_plane, even_width=even_width))
 
 
 @app.command()

@@ -116,16 +116,17 @@ def test_field_with_margins_beyond_the_sample_gives_the_same_volume(scan):
 
 def test_field_shape_for_positions_holds_any_extent():
     shape, hw, angles = (12, 24, 32), (16, 16), [-17.0, 0.0, 17.0]
-    ny, nx = geometry.field_shape_for_positions(shape, hw, angles)
-    assert (ny - 24) % 2 == 0 and (nx - 32) % 2 == 0
-    assert ny >= 24 + 16 and nx >= geometry.field_shape(shape, 16, angles)[1]
-    # a scan reaching 5 px past the sample in y and 7 px in x on one side
+    assert geometry.field_shape_for_positions(shape, hw, angles) == geometry.field_shape(shape, 16, angles)
+    ny, nx = geometry.field_shape_for_positions(shape, hw, angles, even_width=True)
+    assert (ny, nx) == (40, 52) and (nx - 32) % 2 == 0
+    # a scan reaching 5 px past the sample's margin in y and 7 px in x on one side
     pos = np.array([[-(ny - 1) / 2 - 5, -(nx - 1) / 2], [(ny - 1) / 2 - 16, (nx - 1) / 2 - 16 + 7]])
-    big_y, big_x = geometry.field_shape_for_positions(shape, hw, angles, pos)
-    corner = pos + [(big_y - 1) / 2, (big_x - 1) / 2]
-    assert corner.min() >= -0.01 and (corner[:, 0].max() <= big_y - 16 + 0.01)
-    assert corner[:, 1].max() <= big_x - 16 + 0.01
-    assert (big_y - 24) % 2 == 0 and (big_x - 32) % 2 == 0
+    for even in (False, True):
+        big_y, big_x = geometry.field_shape_for_positions(shape, hw, angles, pos, even_width=even)
+        corner = pos + [(big_y - 1) / 2, (big_x - 1) / 2]
+        assert corner.min() >= -0.01 and (corner[:, 0].max() <= big_y - 16 + 0.01)
+        assert corner[:, 1].max() <= big_x - 16 + 0.01
+        assert (big_y - 24) % 2 == 0 and (not even or (big_x - 32) % 2 == 0)
 
 
 def test_check_reports_the_engine_refusal(scan):

@@ -55,4 +55,5 @@ def test_importing_page_runs_end_to_end(tmp_path):
     out = run_page("importing.md", tmp_path)
     pcc = float(re.search(r"PCC imported vs native: ([0-9.]+)", out).group(1))
     assert pcc >= 0.99
+    assert float(re.search(r"APT PCC imported vs native: ([0-9.]+)", out).group(1)) >= 0.99
     assert "check flagged unconverted.h5 (exit 2)" in out

@@ -61,9 +61,15 @@ def test_ptychi_import_reconstructs_the_native_volume(native, native_volume, tmp
     assert summary["converted"]["phase_sign"] == 1 and summary["converted"]["fft_norm"] == "backward"
     imported = read_scan(out)
     np.testing.assert_allclose(imported.probe, native.probe, rtol=1e-5, atol=1e-3)
-    assert (imported.field_shape[1] - imported.volume_shape_zyx[2]) % 2 == 0  # even margin
+    assert imported.field_shape == native.field_shape  # the simulators' field
+    np.testing.assert_allclose(imported.positions_px, native.positions_px, atol=1e-9)
     volume = approximant_from_scan(imported).volume()
     assert pcc(volume, native_volume) >= 0.99
+    even = tmp_path / "even.h5"
+    assert runner.invoke(app, ["import", "ptychi", str(npz), str(even), "--even-width"]).exit_code == 0
+    wide = read_scan(even)
+    assert (wide.field_shape[1] - wide.volume_shape_zyx[2]) % 2 == 0
+    assert pcc(approximant_from_scan(wide).volume(), native_volume) >= 0.99
     checked = runner.invoke(app, ["check", str(out), *CHECK])
     assert checked.exit_code == 0, checked.output
     report = _json(checked.output)

@@ -50,6 +50,8 @@ class ImportOptions:
     positions_order : "yx" or "xy", the column order of a (K, 2) positions array.
     phase_sign, fft_norm, fft_centring, position_reference, probe_plane : the conventions of
         :class:`apt_stream.io.conventions.Conventions`.
+    even_width : make the field's column margin even (voxel centres on pixel centres) instead of
+        the simulators' field (what the shipped network was trained on).
     """
 
     volume_shape_zyx: tuple[int, int, int] | None = None
@@ -61,6 +63,7 @@ class ImportOptions:
     fft_centring: str | None = None
     position_reference: str | None = None
     probe_plane: str | None = None
+    even_width: bool = False
 
 
 #: Each format's own conventions (docs/importing.md says where each comes from).
@@ -319,7 +322,8 @@ def scan_from_arrays(raw: dict, conv: Conventions, opts: ImportOptions, *, sourc
     angles, index = raw["angles"], raw["angle_index"]
     # Window corners measured from the field centre, then the field that holds them all.
     corners_rel = positions_to_ours(pos, conv, (1, 1), hw)
-    field = geometry.field_shape_for_positions(shape, hw, angles, corners_rel)
+    field = geometry.field_shape_for_positions(shape, hw, angles, corners_rel,
+                                               even_width=opts.even_width)
     corners = corners_rel + [(field[0] - 1) / 2, (field[1] - 1) / 2]
     energy, pixel = float(raw["energy_kev"]), float(raw["object_pixel_m"])
     lam = _wavelength_m(energy)
@@ -421,7 +425,7 @@ def import_from_cli(fmt: str, source, output, *, volume_shape: str | None = None
                     slices: int = 5, origin: str = "0,0", positions_order: str = "yx",
                     phase_sign: str | None = None, fft_norm: str | None = None,
                     fft_centring: str | None = None, position_reference: str | None = None,
-                    probe_plane: str | None = None) -> dict:
+                    probe_plane: str | None = None, even_width: bool = False) -> dict:
     """:func:`import_scan` with the command line's text options parsed (ConfigError if bad)."""
     from apt_stream.errors import ConfigError
     from apt_stream.io.conventions import parse_phase_sign
@@ -433,7 +437,7 @@ def import_from_cli(fmt: str, source, output, *, volume_shape: str | None = None
             n_slices=int(slices), origin_yx_px=_numbers(origin, 2, "--origin"),
             positions_order=positions_order, phase_sign=sign, fft_norm=fft_norm,
             fft_centring=fft_centring, position_reference=position_reference,
-            probe_plane=probe_plane,
+            probe_plane=probe_plane, even_width=bool(even_width),
         )
         _conventions(fmt if fmt in FORMATS else "ptychi", opts)  # bad values fail here
     except ScanFormatError as exc:  # a bad convention value is the user's option, not a file

@@ -68,14 +68,19 @@ def field_shape_for_positions(
     frame_hw: Sequence[int],
     angles_deg: Sequence[float],
     positions_from_centre_px=None,
+    *,
+    even_width: bool = False,
 ) -> tuple[int, int]:
     """The smallest field (Ny, Nx) that holds the sample, a frame of margin and every position.
 
     ``positions_from_centre_px`` (K, 2) are the (y, x) top-left corners of the probe windows
     measured from the field centre ((Ny − 1)/2, (Nx − 1)/2), which is the rotation axis (x) and
-    the sample's middle row (y); a scan may reach past the sample on any side. Both margins
-    ``Ny − ny`` and ``Nx − nx`` come out **even**, so voxel centres sit on field pixel centres
-    (an odd margin puts them half a pixel off, docs/conventions.md).
+    the sample's middle row (y); a scan may reach past the sample on any side. Without
+    positions beyond the sample this is :func:`field_shape`, the simulators' field (the one the
+    shipped network was trained on). The row margin ``Ny − ny`` is kept even, so the field
+    centre is the sample's middle row; ``even_width`` makes ``Nx − nx`` even too, so voxel
+    centres sit on field pixel centres (an odd margin puts them half a pixel off and the engine
+    interpolates, docs/conventions.md).
     """
     nz, ny, nx = (int(v) for v in shape_zyx)
     h, w = (int(v) for v in frame_hw)
@@ -97,7 +102,8 @@ def field_shape_for_positions(
             else:
                 need_x = max(need_x, n)
     need_y += (need_y - ny) % 2
-    need_x += (need_x - nx) % 2
+    if even_width:
+        need_x += (need_x - nx) % 2
     return need_y, need_x
 
 
