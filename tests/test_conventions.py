@@ -146,3 +146,11 @@ def test_scan_file_source_refuses_data_stored_in_other_conventions(scan, tmp_pat
         next(iter(ScanFileSource(path)))
     ours = write_scan(tmp_path / "ours.h5", read_scan(path))
     assert next(iter(ScanFileSource(ours)))[0] == "start"
+
+
+def test_check_without_truth_and_with_one_angle(scan):
+    from apt_stream.check import check_scan_data
+
+    report = check_scan_data(dataclasses.replace(scan, truth=None), n_angles=5, iterations=10)
+    assert report["ok"] and report["r_truth"] is None and len(report["angles"]) == 3
+    assert len(check_scan_data(scan.subset([1]), iterations=10)["angles"]) == 1
