@@ -153,6 +153,7 @@ def synthetic_scan(
     fields are consistent (field large enough for the positions, one slice spacing per angle).
     """
     from apt_stream.io import ScanData
+    from apt_stream.physics.geometry import slice_spacing_m
 
     if n_angles < 1 or frames_per_angle < 1 or frame_px < 2:
         raise InputError("synthetic_scan needs n_angles, frames_per_angle >= 1 and frame_px >= 2")
@@ -174,7 +175,9 @@ def synthetic_scan(
         detector_pixel_m=1.239841984e-9 / 8.8 * 1.92 / (frame_px * 14e-9),
         object_pixel_m=14e-9,
         field_shape=field,
-        slice_spacing_m=np.full(n_angles, 4 * 14e-9),
+        # What the engine uses (it refuses any other stored spacing): D(θ)·voxel/L.
+        slice_spacing_m=np.array([slice_spacing_m((4, frame_px, frame_px), 14e-9, a, 2)
+                                  for a in angles]),
         n_slices=2,
         volume_shape_zyx=(4, frame_px, frame_px),
         provenance={"preset": "synthetic", "seed": int(seed), "sample": "synthetic"},
