@@ -222,11 +222,11 @@ class DaskApproximant:
 
     def _send_batch(self, angle: _Angle, frames: np.ndarray, positions: np.ndarray) -> None:
         w = angle.worker
-        data = self.client.scatter([frames, positions], workers=[w], direct=True, hash=False)
+        batch = self.client.scatter((frames, positions), workers=[w], direct=True, hash=False)
         angle.sent.append(self.client.submit(
             on_worker.add_frames, self._setup_on(w), angle.angle_id, angle.angle_deg,
-            angle.replays, len(angle.sent), data[0], data[1], workers=[w],
-            allow_other_workers=False, pure=False))
+            angle.replays, len(angle.sent), batch, workers=[w], allow_other_workers=False,
+            pure=False))
 
     def _send_finish(self, angle: _Angle) -> None:
         w = angle.worker

@@ -93,14 +93,15 @@ def _arrivals(run_uid: str, angle_id: int) -> _Arrivals:
 
 
 def add_frames(setup: RunSetup, angle_id: int, angle_deg: float, attempt: int, seq: int,
-               frames: np.ndarray, positions_px: np.ndarray) -> int:
-    """Pass 1 on the angle's batch number ``seq``, in arrival order whatever order the tasks
+               batch: tuple[np.ndarray, np.ndarray]) -> int:
+    """Pass 1 on the angle's batch number ``seq`` (frames, positions), in arrival order whatever order the tasks
     run in (so the sums, and the result, are the single-process engine's to the last bit);
     returns how many batches went into the engine now.
 
     ``attempt`` counts the angle's replays: a newer one starts the angle afresh (a replay may
     come to a worker that had the angle), batches of an older one are ignored.
     """
+    frames, positions_px = batch
     engine = _engine(setup)
     arrivals = _arrivals(setup.run_uid, angle_id)
     with arrivals.lock:
