@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: Publisher methods a backup line may name, with the argument names replay passes on.
 REPLAYABLE: tuple[str, ...] = (
     "run_started", "angle_finished", "update_approximant", "reconstruction_ready",
-    "metrics_ready", "update_status", "run_stopped",
+    "metrics_ready", "update_status", "run_stopped", "convergence_ready",
 )
 
 
@@ -170,6 +170,8 @@ def replay_backup(path: str | os.PathLike, publisher: Any) -> int:
                 method(uid, arrays, final=bool(args["final"]), metadata=args.get("metadata"))
             elif call == "metrics_ready":
                 method(uid, args["metrics"])
+            elif call == "convergence_ready":
+                method(uid, args["row"], args.get("advice"))
             elif call == "update_status":
                 method(uid, args["status"], **(args.get("metadata") or {}))
             elif args.get("metadata"):

@@ -11,6 +11,9 @@ Layout (docs/querying.md shows how to search and slice it)::
         apt-raw                (z, y, x) float32, the network's output before data consistency
         baselines/<name>       (z, y, x) float32, e.g. fbp, sirt (any other volume name)
         metrics                table: one row per volume scored against ground truth
+        convergence            table: one row per live convergence estimate (n_angles, angle_deg,
+                               frc_half, resolution, change, heldout_residual, seconds); the
+                               newest row and any stop advice also in the metadata
 
 Arrays carry ``dims = ["z", "y", "x"]`` and ``voxel_size_m = [vz, vy, vx]`` in their metadata.
 
@@ -88,6 +91,8 @@ class _Run:
     #: angle_id -> its row of the ``angles`` table, in table order (one row per angle).
     rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     has_final: bool = False
+    #: n_angles -> its row of the ``convergence`` table
+    convergence: dict[int, dict[str, Any]] = field(default_factory=dict)
     volumes: set[str] = field(default_factory=set)
     #: The newest Approximant source (engine or array) and when/at how many angles it went up.
     pending: Any = None
@@ -384,6 +389,37 @@ class TiledPublisher:
                 run.node.update_metadata(metadata={"metrics": json_safe(dict(metrics))})
 
             self._call(run, "metrics_ready", {"metrics": json_safe(dict(metrics))}, write)
+
+    def convergence_ready(
+        self, run_uid: str, row: Mapping[str, Any], advice: Mapping[str, Any] | None = None
+    ) -> None:
+        """One live convergence estimate (``apt_stream.physics.convergence.ConvergenceRow``
+        ``.as_row()``): the ``convergence`` table (one row per ``n_angles``, rewritten: it is
+        small) and ``convergence`` (the newest row) plus ``stop_advice`` in the metadata."""
+        from apt_stream.physics.convergence import CONVERGENCE_COLUMNS
+
+        clean = {name: (int if kind == "int64" else float)(row[name])
+                 for name, kind in CONVERGENCE_COLUMNS}
+        with self._lock:
+            run = self._run(run_uid)
+            run.convergence[clean["n_angles"]] = clean
+            rows = [run.convergence[n] for n in sorted(run.convergence)]
+            table = {name: [r[name] for r in rows] for name, _ in CONVERGENCE_COLUMNS}
+            meta: dict[str, Any] = {"convergence": json_safe(clean)}
+            if advice is not None:
+                meta["stop_advice"] = json_safe(dict(advice))
+
+            def write() -> None:
+                old = self._child(run, "convergence")
+                if old is not None:
+                    old.delete(external_only=False)
+                    run.children.pop("convergence", None)
+                run.children["convergence"] = run.node.write_table(table, key="convergence")
+                run.node.update_metadata(metadata=meta)
+
+            self._call(run, "convergence_ready",
+                       {"row": json_safe(clean),
+                        "advice": None if advice is None else json_safe(dict(advice))}, write)
 
     def update_approximant(self, run_uid: str, approximant: Any) -> None:
         """Upload the Approximant (engine or array) now, without an angle row."""
@@ -758,7 +794,7 @@ class TiledPublisher:
         ):
             raise InputError(f"volume name must be 'apt', a baseline name or 'baselines/<name>', "
                              f"got {name!r}")
-        if name in ("approximant", "angles", "metrics", "baselines"):
+        if name in ("approximant", "angles", "metrics", "baselines", "convergence"):
             raise InputError(f"volume name {name!r} is reserved")
         return name if name in ("apt", "apt-raw") or len(parts) == 2 else f"baselines/{name}"
 

@@ -25,7 +25,7 @@ from apt_stream.errors import ConfigError, ServiceError
 from apt_stream.stream.messages import FrameBatch, Message, RunHeader, RunStopped
 from apt_stream.stream.problems import ProblemLog, cause_of
 from apt_stream.stream.sink import ReconstructionSink, RunStatus
-from apt_stream.stream.trigger import TriggerPolicy, TriggerState
+from apt_stream.stream.trigger import StopPolicy, StopState, TriggerPolicy, TriggerState
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,11 @@ class _LiveRun:
     #: arrival time of the angle's last frame
     finishing: dict[int, float | None] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    #: live convergence estimate and stop rule (None: off)
+    monitor: Any = None
+    stop: StopState | None = None
+    #: the newest advice given to the beamline (convergence, stop, next angles)
+    advice: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,10 @@ class LiveReconstructor:
         max_queued_frames: int = 8192,
         start: bool = True,
         on_run_finished: Callable[[str, str], object] | None = None,
+        convergence: Any = None,
+        stop_policy: StopPolicy | None = None,
+        on_advice: Callable[[str, dict], object] | None = None,
+        suggest: int = 0,
     ) -> None:
         if max_queued_frames < 1:
             raise ConfigError(f"max_queued_frames must be >= 1, got {max_queued_frames}")
@@ -145,6 +154,14 @@ class LiveReconstructor:
         self.policy = policy or TriggerPolicy()
         self.max_queued_frames = int(max_queued_frames)
         self.on_run_finished = on_run_finished
+        if stop_policy is not None and convergence is None:
+            from apt_stream.physics.convergence import ConvergenceOptions
+
+            convergence = ConvergenceOptions()
+        self.convergence = convergence
+        self.stop_policy = stop_policy
+        self.on_advice = on_advice
+        self.suggest = int(suggest)
         #: How many finished runs' stats :attr:`run_stats` keeps (the oldest go first).
         self.keep_run_stats = 1000
         self._problems = ProblemLog(log)
@@ -288,6 +305,14 @@ class LiveReconstructor:
             run.engine = self.engine_factory(header)
         except Exception as exc:
             self._fail(run, f"engine could not be built: {exc!r}")
+            return
+        if self.convergence is not None and header.volume_shape_zyx is not None:
+            from apt_stream.physics.convergence import ConvergenceMonitor
+
+            run.monitor = ConvergenceMonitor(header.volume_shape_zyx, self.convergence)
+            if self.stop_policy is not None:
+                run.stop = self.stop_policy.new_run(self.policy,
+                                                    nominal_step_deg=header.nominal_step_deg)
 
     def _fail(self, run: _LiveRun, why: str) -> None:
         log.error("run %s failed: %s", run.header.run_uid, why)
@@ -391,6 +416,57 @@ class LiveReconstructor:
                 self._reconstruct(run, len(finished), final=False)
         except Exception as exc:
             self._fail(run, f"{type(exc).__name__}: {exc}")
+            return
+        if run.monitor is not None:
+            try:
+                self._assess(run, finished, summary)
+            except Exception as exc:  # the estimate is advice: it never costs the run
+                message = f"run {run.header.run_uid}: convergence estimate failed ({exc!r})"
+                self._problems.report(f"run {run.header.run_uid}", cause_of(message), message)
+
+    def _assess(self, run: _LiveRun, finished: list[float], summary: Any) -> None:
+        """Convergence estimate, stop rule and next-angle suggestions after a finished angle."""
+        engine = run.engine
+        if not hasattr(engine, "projections") or not run.monitor.due(len(finished)):
+            return
+        angles, proj = engine.projections()
+        row = run.monitor.update(angles, proj, newest_deg=getattr(summary, "angle_deg", None),
+                                 force=True)
+        if row is None:
+            return
+        data = row.as_row()
+        advice: dict[str, Any] = {"run_uid": run.header.run_uid, "n_angles": data["n_angles"],
+                                  "stop": False, "reason": None, "convergence": data}
+        stop = run.stop.update(data, finished) if run.stop is not None else None
+        if stop is not None:
+            advice.update(stop=True, reason=stop["reason"])
+            run.stats["stop_advised_at_n"] = stop["n_angles"]
+        elif run.stop is not None and run.stop.advised:
+            advice.update(stop=True, reason="advised earlier")
+        if self.suggest > 0:
+            from apt_stream.physics.next_angle import suggest_angles
+
+            ranked = suggest_angles(angles, run.header.angles_deg, projections=(angles, proj),
+                                    volume_shape_zyx=run.header.volume_shape_zyx, k=self.suggest)
+            advice["next_angles"] = [s.as_dict() for s in ranked]
+        run.advice = advice
+        if accepts_keyword(getattr(self.sink, "convergence_ready", None) or (lambda: None),
+                           "advice"):
+            self._sink("convergence_ready", run.header.run_uid, data,
+                       advice if stop is not None else None)
+        if self.on_advice is not None:
+            try:
+                self.on_advice(run.header.run_uid, dict(advice))
+            except Exception:
+                log.exception("on_advice failed for run %s", run.header.run_uid)
+        if stop is not None and self.stop_policy is not None and self.stop_policy.act:
+            # Fire the final reconstruction now: more angles are unlikely to change it.
+            if not run.trigger.fired:
+                run.trigger.fired, run.trigger.fired_at_n = True, len(finished)
+                run.stats["fired_at_n"] = len(finished)
+                run.stats["fired_after_s"] = time.perf_counter() - run.started
+            run.stats["fired_early"] = True
+            self._reconstruct(run, len(finished), final=True)
 
     def _reconstruct(self, run: _LiveRun, n_finished: int, *, final: bool) -> None:
         extra = {}
@@ -420,6 +496,10 @@ class LiveReconstructor:
             self._complete_angle(run, angle_id, run.finishing.pop(angle_id))
         self._runs.pop(stopped.run_uid, None)
         gaps = self._gaps(run, stopped)
+        if run.monitor is not None:
+            run.stats.update(convergence=run.monitor.table(),
+                             convergence_s=round(run.monitor.spent_s, 3),
+                             convergence_skipped=run.monitor.skipped)
         run.stats.update(exit_status=stopped.exit_status, reason=stopped.reason,
                          frames_dropped=stopped.n_dropped, **gaps)
         if run.failed:
@@ -481,6 +561,11 @@ class LiveReconstructor:
         }
         while len(self.run_stats) > self.keep_run_stats:  # a listener serves for months
             self.run_stats.pop(next(iter(self.run_stats)))
+
+    def advice(self, run_uid: str) -> dict[str, Any] | None:
+        """The newest advice for a running run (None when none was given or the run is over)."""
+        run = self._runs.get(run_uid)
+        return None if run is None or run.advice is None else dict(run.advice)
 
     def status(self, run_uid: str) -> str | None:
         """The final status of a stopped (or failed) run, None while it runs or if unknown."""

@@ -118,3 +118,82 @@ class TriggerState:
             self._last_preview_n = n
             return "preview"
         return None
+
+
+@dataclass(frozen=True)
+class StopPolicy:
+    """When more angles are unlikely to change the result: the **stop advice** rule (opt-in).
+
+    After each live convergence estimate (:mod:`apt_stream.physics.convergence`) the advice is
+    "stop" once
+
+    * at least ``min_angles`` distinct angles are finished,
+    * the finished angles cover ±θ* (the trigger's coverage rule, unless ``require_coverage``
+      is False): stopping never gives up the range,
+    * the reconstruction moved less than ``change_tol`` (relative L2, ``change``) at each of the
+      last ``patience`` estimates, and
+    * the two half-set reconstructions agree (``frc_half`` ≥ ``min_frc``, unless None).
+
+    ``act``: also fire the final reconstruction at once (before N* if need be) and tell the
+    beamline (LiveReconstructor's ``on_advice``) so acquisition can end. The advice is given
+    once per run.
+    """
+
+    change_tol: float = 0.03
+    patience: int = 2
+    min_angles: int = 9
+    min_frc: float | None = 0.5
+    require_coverage: bool = True
+    act: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.change_tol) and self.change_tol > 0):
+            raise ConfigError(f"change_tol must be > 0, got {self.change_tol!r}")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ConfigError(f"patience must be an integer >= 1, got {self.patience!r}")
+        if not isinstance(self.min_angles, int) or self.min_angles < 2:
+            raise ConfigError(f"min_angles must be an integer >= 2, got {self.min_angles!r}")
+        if self.min_frc is not None and not (-1 <= self.min_frc <= 1):
+            raise ConfigError(f"min_frc must be in [-1, 1] or None, got {self.min_frc!r}")
+
+    def new_run(self, trigger: TriggerPolicy, *, nominal_step_deg: float | None = None) -> StopState:
+        return StopState(self, trigger, nominal_step_deg=nominal_step_deg)
+
+
+@dataclass
+class StopState:
+    """One run's stop rule: :meth:`update` with each convergence row; the advice once."""
+
+    policy: StopPolicy
+    trigger: TriggerPolicy
+    nominal_step_deg: float | None = None
+    advised: bool = False
+    advised_at_n: int | None = None
+    _calm: int = field(default=0, repr=False)
+
+    def update(self, row: dict, finished_angles_deg: Iterable[float]) -> dict | None:
+        """The advice ``{"stop": True, "n_angles", "reason", ...}`` when first due, else None."""
+        p = self.policy
+        change = row.get("change")
+        calm = change is not None and math.isfinite(change) and change < p.change_tol
+        self._calm = self._calm + 1 if calm else 0
+        if self.advised:
+            return None
+        angles = _distinct(finished_angles_deg)
+        n = len(angles)
+        if n < p.min_angles or self._calm < p.patience:
+            return None
+        if p.min_frc is not None and not row.get("frc_half", -math.inf) >= p.min_frc:
+            return None
+        if p.require_coverage:
+            tol = self.trigger.tolerance_deg(self.nominal_step_deg)
+            th = self.trigger.theta_star_deg
+            if not (angles[0] <= -th + tol and angles[-1] >= th - tol):
+                return None
+        self.advised, self.advised_at_n = True, n
+        return {
+            "stop": True, "n_angles": n,
+            "reason": (f"the reconstruction moved < {p.change_tol:g} (relative) at each of the "
+                       f"last {p.patience} estimates; halves agree (FRC {row.get('frc_half', 0):.3f})"),
+            "change": float(change), "frc_half": float(row.get("frc_half", math.nan)),
+        }
