@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_stream_live import messages_for
 
 from apt_stream.errors import ConfigError
 from apt_stream.physics.convergence import ConvergenceOptions
 from apt_stream.physics.next_angle import bisection_order
 from apt_stream.stream import LiveReconstructor, TriggerPolicy
 from apt_stream.stream.trigger import StopPolicy
-
-from test_stream_live import messages_for
 
 
 @pytest.fixture(scope="module")
