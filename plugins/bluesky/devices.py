@@ -133,6 +133,15 @@ class SimPtychoDetector:
             raise InputError(f"frame order holds rows outside 0..{source.n_frames - 1}")
         self._source, self._order, self._run_dir = source, order, Path(run_dir).resolve()
 
+    def queue_next(self, rows: Sequence[int]) -> None:
+        """Acquire these armed rows next (a closed-loop plan choosing its next angle)."""
+        rows = [int(k) for k in rows]
+        ahead = self._order[self._cursor:]
+        if not set(rows) <= set(ahead):
+            raise InputError(f"{self.name}: rows {rows} are not among the armed rows still to come")
+        chosen = set(rows)
+        self._order = self._order[: self._cursor] + rows + [k for k in ahead if k not in chosen]
+
     # -- bluesky protocols -------------------------------------------------------------------
     def stage(self) -> list:
         if self._source is None or self._run_dir is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ def ptycho_tomo_plan(
     marker: AngleMarker | None = None,
     journal: bool = True,
     sample: str | None = None,
+    advisor: Callable[[list[int], list[int]], dict] | None = None,
 ):
     """Acquire a ptycho-tomography scan: for each angle, move the rotation stage, then for each
     lateral position move x/y and trigger + read the detector; mark each finished angle.
@@ -102,6 +103,13 @@ def ptycho_tomo_plan(
         Write the run journal ``documents.jsonl`` next to the frames (needed for late joiners).
     sample
         Sample name (default: from the scan's provenance).
+    advisor
+        Closed loop: ``advisor(done, pending)`` (angle indices acquired so far, and still to
+        acquire) is asked before each angle after the first; its answer
+        ``{"stop": bool, "next": index or None}`` ends the scan early (``stop``: the run ends
+        with exit status success and reason ``"stopped on advice"`` in its stop document) or
+        picks the next angle (``next``, one of ``pending``; None keeps the planned order).
+        E.g. ``apt_stream.stream.advice.AdviceClient(address).advisor(angles_deg)``.
 
     Yields
     ------
@@ -159,7 +167,23 @@ def ptycho_tomo_plan(
 
     def acquire():
         next_t = time.monotonic()
-        for n, rows in order:
+        pending = dict(order)
+        done: list[int] = []
+        while pending:
+            n = next(iter(pending))
+            if advisor is not None and done:
+                advice = advisor(list(done), list(pending)) or {}
+                if advice.get("stop"):
+                    log.info("stopping after %d angles on advice: %s", len(done),
+                             advice.get("reason"))
+                    yield from bps.null()
+                    return
+                if advice.get("next") in pending:
+                    n = advice["next"]
+            rows = pending.pop(n)
+            if advisor is not None:
+                detector.queue_next(rows)
+            done.append(n)
             angle = float(source.angles_deg[n])
             yield from bps.mv(rot, angle)
             for k in rows:
