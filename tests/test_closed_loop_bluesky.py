@@ -84,7 +84,7 @@ def test_plan_takes_suggested_angles_and_stops_on_advice(tiny29, tmp_path):
     followed = [a["next"] for d, a in asked if a["next"] is not None]
     assert len(followed) >= n_stop - 7
     order = [d for d, _ in asked]
-    for (done, answer), nxt in zip(asked[:-1], order[1:], strict=True):
+    for (_done, answer), nxt in zip(asked[:-1], order[1:], strict=True):
         if answer["next"] is not None:
             assert nxt[-1] == answer["next"]
     planned = bisection_order(29)
