@@ -214,3 +214,20 @@ def test_multiuser_read_only_key_reads_but_cannot_write(tmp_path, monkeypatch):
     log_text = (tmp_path / "tiled" / "server.log").read_text()
     for secret in (password, secret_key, pipeline_key, reader_key):
         assert secret not in log_text
+
+
+def test_two_embedded_servers_in_one_process_keep_their_own_keys(tmp_path):
+    """Tiled keeps app settings in one cached object per process: without a fresh one per
+    server, the second embedded server's key replaced the first's (the demo inside a test
+    session, or a listener and a demo in one notebook, got 401 on the first)."""
+    from apt_stream.errors import ServiceError
+    from apt_stream.publish.server import TiledEndpoint, connect, local_tiled_server
+
+    with local_tiled_server(tmp_path / "a") as a:
+        connect(a).create_container(key="first")
+        with local_tiled_server(tmp_path / "b") as b:
+            assert list(connect(b)) == []
+            assert list(connect(a)) == ["first"]
+            with pytest.raises(ServiceError, match="401"):
+                connect(TiledEndpoint(uri=a.uri, api_key=b.api_key))
+        assert list(connect(a)) == ["first"]

@@ -129,6 +129,12 @@ def local_tiled_server(
             from apt_stream.publish.serve import relocate_catalog
 
             relocate_catalog(data_dir)
+    # Tiled 0.2.x writes each app's settings (its API key among them) into one process-wide
+    # cached Settings object, so a second embedded server in the same process would make the
+    # first refuse its own key (401). A fresh cache per server gives each app its own object.
+    from tiled.server.settings import get_settings
+
+    get_settings.cache_clear()
     try:
         server = SimpleTiledServer(
             directory=data_dir, api_key=key,
