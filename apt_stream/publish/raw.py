@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from apt_stream.publish.server import TABLE_WRITE_LOCK
 from apt_stream.stream.tiled_source import RAW_CONTAINER, raw_run_link
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,8 @@ class RawRunStore:
         if name in ("descriptor", "stream_resource"):
             self._owner[doc.get("uid")] = uid
         try:
-            self._writer(name, doc)
+            with TABLE_WRITE_LOCK:  # its event tables are appendable tables too
+                self._writer(name, doc)
         except Exception as exc:  # noqa: BLE001 - Tiled trouble must not reach the listener
             run = uid or "?"
             with self._lock:

@@ -157,6 +157,14 @@ def local_tiled_server(
         server.close()
 
 
+#: Appendable tables in Tiled's embedded (and default SQL) storage live in DuckDB behind one
+#: shared ADBC connection (tiled.storage: a StaticPool for duckdb). Two appends at once from
+#: two writer threads of this process (the publisher's ``angles`` rows, TiledWriter's event
+#: tables) were seen to hang the server in ``Connection.commit`` for good, and the demo with
+#: it. This process's table writers take turns.
+TABLE_WRITE_LOCK = threading.RLock()
+
+
 def connect(endpoint: TiledEndpoint, *, timeout_s: float = 10.0) -> Any:
     """A Tiled client for the server's root container.
 

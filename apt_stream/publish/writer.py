@@ -68,6 +68,7 @@ from apt_stream.publish._metadata import (
     voxel_sizes_m,
 )
 from apt_stream.publish.backup import BackupLog, replay_backup
+from apt_stream.publish.server import TABLE_WRITE_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -843,7 +844,8 @@ class TiledPublisher:
             table = run.node.create_appendable_table(self._angles_schema(), key="angles")
             run.children["angles"] = table
         # A pyarrow table, not pandas: a DataFrame would add an index column the schema lacks.
-        table.append_partition(0, pa.table({name: [row[name]] for name, _ in ANGLE_COLUMNS}))
+        with TABLE_WRITE_LOCK:
+            table.append_partition(0, pa.table({name: [row[name]] for name, _ in ANGLE_COLUMNS}))
 
     def _rewrite_angles(self, run: _Run) -> None:
         """The ``angles`` table anew from ``run.rows`` (an appendable table has no update)."""
@@ -857,9 +859,10 @@ class TiledPublisher:
         run.children["angles"] = table
         rows = list(run.rows.values())
         if rows:
-            table.append_partition(
-                0, pa.table({name: [r[name] for r in rows] for name, _ in ANGLE_COLUMNS})
-            )
+            with TABLE_WRITE_LOCK:
+                table.append_partition(
+                    0, pa.table({name: [r[name] for r in rows] for name, _ in ANGLE_COLUMNS})
+                )
 
 
 def _retry_loop(ref: weakref.ReferenceType) -> None:
