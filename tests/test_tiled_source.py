@@ -238,3 +238,30 @@ def test_listen_stores_each_raw_run_and_links_it(prefect_harness, tiled_server, 
     raw = tiled_root["raw"][uid]
     assert raw.stop["num_events"]["primary"] == N_ANGLES * PER_ANGLE
     assert raw["primary"]["ptycho_det_frames"].shape == (N_ANGLES * PER_ANGLE, 16, 16)
+
+
+def test_docs_end_of_run_snippet_starts_the_deployment(prefect_harness):
+    """docs/streaming.md's RunEngine callback, verbatim: a stop document starts a run of the
+    `end-of-run` deployment for that run's Tiled URI (a start document starts nothing)."""
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from test_docs_run import python_blocks
+
+    from apt_stream.flows.stored import reconstruct_stored_run
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "streaming.md"
+    (block,) = [b for b in python_blocks(doc) if "def end_of_run" in b]
+    deployment_id = reconstruct_stored_run.to_deployment(
+        name="end-of-run", parameters={"config": {"data_roots": ["/data/apt-stream/runs"]}},
+    ).apply()
+    namespace: dict = {}
+    exec(compile(block, str(doc), "exec"), namespace)
+    namespace["end_of_run"]("start", {"uid": "abc"})
+    namespace["end_of_run"]("stop", {"run_start": "abc"})
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id=DeploymentFilterId(any_=[deployment_id])))
+    assert len(runs) == 1
+    assert runs[0].parameters["uri"] == "tiled://tiled.beamline:8000/raw/abc"
