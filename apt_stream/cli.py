@@ -541,6 +541,24 @@ def listen(
         str | None, typer.Option(help="Per-angle work on the Dask scheduler at this address "
                                  "(tcp://HOST:PORT).")
     ] = None,
+    convergence: Annotated[
+        bool, typer.Option(help="Closed loop: live convergence estimate per finished angle "
+                           "(Tiled table, Prefect artifact).")
+    ] = False,
+    stop_advice: Annotated[
+        bool, typer.Option(help="Closed loop: stop advice when more angles stop helping "
+                           "(implies --convergence).")
+    ] = False,
+    stop_act: Annotated[
+        bool, typer.Option(help="Closed loop: on stop advice fire the final reconstruction at once.")
+    ] = False,
+    suggest: Annotated[
+        int, typer.Option(min=0, help="Closed loop: suggest K next angles with each estimate.")
+    ] = 0,
+    advice_address: Annotated[
+        str | None, typer.Option(help="Closed loop: serve the advice on this 0MQ REP address "
+                                 "(e.g. tcp://127.0.0.1:5580) for the plan's advisor.")
+    ] = None,
 ) -> None:
     """Serve a beamline: follow its proxy, reconstruct every scan live, publish to Tiled.
 
@@ -603,6 +621,8 @@ def listen(
                     max_runs=max_runs, device=device,
                     health_file=str(health_file) if health_file else None,
                     run_idle_timeout_s=run_idle_timeout, workers=workers, dask_address=dask,
+                    convergence=convergence, stop_advice=stop_advice, stop_act=stop_act,
+                    suggest=suggest, advice_address=advice_address,
                 )
                 def work_done(result: dict) -> None:
                     # The flow's work is over; if Prefect cannot record its end (its server

@@ -121,6 +121,8 @@ class ScanBook:
     live_previews: list[str] = field(default_factory=list)
     #: Artifact seconds of each live update (table, progress, image).
     live_costs: list[float] = field(default_factory=list)
+    #: Live convergence estimates shown (closed loop; rows with a ``stop`` flag).
+    convergence: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, kind: str, *, call_s: float, body_s: float, publish_s: float = 0.0,
                error: BaseException | None = None) -> None:
@@ -203,6 +205,9 @@ class ScanBook:
             "angles_with_gaps": list(self.gaps.get("angles_with_gaps", [])),
             "metrics": self.metrics,
             "previews": list(self.previews),
+            "convergence_estimates": len(self.convergence),
+            "stop_advised_at_n": next((r["n_angles"] for r in self.convergence if r.get("stop")),
+                                      None),
         }
 
     def table(self) -> list[dict[str, Any]]:
@@ -258,3 +263,33 @@ class ScanBook:
 
     def _publish_s(self) -> float:
         return sum(self.body_s[k] for k in PUBLISH_KINDS)
+
+
+#: The convergence artifact's columns: (row key, header, decimals).
+CONVERGENCE_TABLE = (
+    ("n_angles", "angles", None),
+    ("angle_deg", "newest θ (°)", 2),
+    ("frc_half", "half-split FRC", 3),
+    ("resolution", "resolution (× Nyquist)", 3),
+    ("change", "change", 4),
+    ("heldout_residual", "held-out residual", 4),
+    ("seconds", "estimate (s)", 3),
+)
+
+
+def convergence_markdown(rows: list[Mapping[str, Any]], *, n_star: int | None = None) -> str:
+    """The live convergence estimates of a scan as a markdown table (one row per estimate,
+    the row where stop advice was given marked), for a Prefect markdown artifact."""
+    head = "| " + " | ".join(h for _, h, _ in CONVERGENCE_TABLE) + " | advice |"
+    lines = [head, "|" + " --- |" * (len(CONVERGENCE_TABLE) + 1)]
+    for row in rows:
+        cells = []
+        for key, _, digits in CONVERGENCE_TABLE:
+            value = _round(row.get(key), digits)
+            cells.append("–" if value is None else str(value))
+        cells.append("**stop**" if row.get("stop") else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    stops = [r["n_angles"] for r in rows if r.get("stop")]
+    tail = (f"\n\nStop advised at {stops[0]} angles" + (f" (N* = {n_star})" if n_star else "")
+            + "." if stops else "")
+    return "### Live convergence\n\n" + "\n".join(lines) + tail + "\n"

@@ -86,6 +86,18 @@ class ListenConfig(BaseModel):
     store_raw: bool = Field(
         True, description="store each raw run in Tiled (raw/<uid>, bluesky-tiled-plugins' "
         "TiledWriter); the Tiled server must be allowed to read the data roots")
+    convergence: bool = Field(
+        False, description="closed loop: a live convergence estimate after each finished angle "
+        "(Tiled `convergence` table, Prefect convergence artifact)")
+    stop_advice: bool = Field(
+        False, description="closed loop: stop advice (StopPolicy defaults); implies convergence")
+    stop_act: bool = Field(
+        False, description="closed loop: on stop advice fire the final reconstruction at once")
+    suggest: int = Field(
+        0, ge=0, description="closed loop: suggest this many next angles with each estimate")
+    advice_address: str | None = Field(
+        None, description="closed loop: serve the newest advice on this 0MQ REP address "
+        "(tcp://127.0.0.1:PORT; port 0: a free one) for ptycho_tomo_plan(advisor=...)")
     curve_server_key: str | None = Field(
         None, description="the proxy's CURVE public key (Z85); set to require CURVE"
     )
@@ -123,7 +135,7 @@ class LiveResources:
     """
 
     __slots__ = ("publisher", "engine_factory", "reconstruct_fn", "truth_fn", "stop", "on_ready",
-                 "on_done", "on_scan_start")
+                 "on_done", "on_scan_start", "on_advice_server")
 
     def __init__(
         self,
@@ -136,6 +148,7 @@ class LiveResources:
         on_ready: Callable[[Any], None] | None = None,
         on_done: Callable[[dict], None] | None = None,
         on_scan_start: Callable[[str, str | None], None] | None = None,
+        on_advice_server: Callable[[str], None] | None = None,
     ) -> None:
         self.publisher = publisher
         self.engine_factory = engine_factory
@@ -149,6 +162,31 @@ class LiveResources:
         self.on_done = on_done
         #: Called with ``(run_uid, flow_run_id)`` when a scan's flow run starts.
         self.on_scan_start = on_scan_start
+        #: Called with the advice server's address (``advice_address``) once it is bound.
+        self.on_advice_server = on_advice_server
+
+
+def _closed_loop(config: ListenConfig, stack: contextlib.ExitStack) -> tuple[dict, Any]:
+    """The LiveReconstructor's closed-loop keywords from the config (all off by default), and
+    the advice server when ``advice_address`` is set (closed with ``stack``)."""
+    wanted = (config.convergence or config.stop_advice or config.stop_act or config.suggest > 0
+              or config.advice_address is not None)
+    if not wanted:
+        return {}, None
+    from apt_stream.physics.convergence import ConvergenceOptions
+    from apt_stream.stream.trigger import StopPolicy
+
+    keywords: dict[str, Any] = {"convergence": ConvergenceOptions(), "suggest": config.suggest}
+    if config.stop_advice or config.stop_act:
+        keywords["stop_policy"] = StopPolicy(act=config.stop_act)
+    server = None
+    if config.advice_address is not None:
+        from apt_stream.stream.advice import AdviceBoard, AdviceServer
+
+        board = AdviceBoard()
+        server = stack.enter_context(AdviceServer(board, config.advice_address))
+        keywords["on_advice"] = board.post
+    return keywords, server
 
 
 def _stopper(config: ListenConfig, event: threading.Event | None) -> Callable[[], bool]:
@@ -237,11 +275,16 @@ def _listen(config: ListenConfig, resources: Any, resources_stack: contextlib.Ex
         if listener is not None:
             listener.mark_done(run_uid, status)
 
+    closed_loop, advice_server = _closed_loop(config, resources_stack)
+    if advice_server is not None:
+        log.info("serving closed-loop advice on %s", advice_server.address)
+        if res.on_advice_server is not None:
+            res.on_advice_server(advice_server.address)
     live = LiveReconstructor(
         bridge, engine_factory=bridge.engine_factory, reconstruct_fn=bridge.reconstruct_fn,
         policy=TriggerPolicy(n_star=config.n_star, theta_star_deg=config.theta_star_deg,
                              preview_every=config.preview_every),
-        on_run_finished=run_finished,
+        on_run_finished=run_finished, **closed_loop,
     )
     raw_store = None
     emit = live.submit
@@ -336,6 +379,7 @@ def _listen(config: ListenConfig, resources: Any, resources_stack: contextlib.Ex
         "states_caught_up": list(catchup.caught_up),
         "states_pending": catchup.pending,
         "raw_runs": None if raw_store is None else raw_store.stats(),
+        "advice_address": None if advice_server is None else advice_server.address,
         "cluster": None if cluster is None else {"address": cluster.address,
                                                  "workers": len(cluster.workers),
                                                  "dashboard": cluster.dashboard},

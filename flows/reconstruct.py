@@ -32,7 +32,7 @@ from prefect.states import Completed, Failed
 from apt_stream.private_dir import private_dir
 
 from . import tasks
-from .artifacts import ScanBook, artifact_key, group_by_shape, png_data_url
+from .artifacts import ScanBook, artifact_key, convergence_markdown, group_by_shape, png_data_url
 from .relay import LAST_KIND, Call, RunChannel
 
 #: Prefect's overhead may cost at most this share of the compute per unit of work: a task's
@@ -197,7 +197,10 @@ def _on_volumes(book: ScanBook, channel: RunChannel, call: Call, *, preview_dir:
         # "final" file for the user, but no second render, task or image artifact (measured:
         # they were a fifth of Prefect's overhead at demo scale).
         try:
-            copies = [shutil.copyfile(png, preview_dir / f"{key}-{name}-{i}.png")
+            # (the same file when a final reconstruction fired early on stop advice is
+            # announced final again at the run's stop)
+            copies = [png if Path(png) == preview_dir / f"{key}-{name}-{i}.png" else
+                      shutil.copyfile(png, preview_dir / f"{key}-{name}-{i}.png")
                       for i, png in enumerate(book.last_preview[1])]
             book.previews.extend(str(c) for c in copies)
             shown_pngs = None
@@ -266,6 +269,7 @@ class _LiveView:
             "progress", f"{self.key}-progress", 0.0,
             f"finished angles of N* = {book.n_star}")
         self.shown_angles = 0
+        self.shown_convergence = 0
         self.snapshot: Any = None
 
     def due(self) -> bool:
@@ -323,6 +327,13 @@ class _LiveView:
                                f"per-angle results of {book.run_uid} ({n} angles, {what})")
         self.writer.progress(self.progress_id, book.progress_pct,
                              f"{n} of N* = {book.n_star} angles finished")
+        rows = list(self.channel.convergence)  # closed loop: the bridge appends them
+        if len(rows) > self.shown_convergence:
+            self.writer.create("markdown", f"{self.key}-convergence",
+                               convergence_markdown(rows, n_star=book.n_star),
+                               f"live convergence of {book.run_uid} ({len(rows)} estimates)")
+            self.shown_convergence = len(rows)
+            book.convergence = rows
         if preview and not final:
             self._preview()
         self.shown_angles = n

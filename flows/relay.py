@@ -137,7 +137,7 @@ class RunChannel:
     """
 
     __slots__ = ("header", "run_uid", "engine", "publisher", "published", "attach_timeout_s",
-                 "poll_s", "flow_run_id", "summary", "_queue", "_attached", "_closed", "_created")
+                 "poll_s", "flow_run_id", "summary", "convergence", "_queue", "_attached", "_closed", "_created")
 
     def __init__(self, header: Any, *, attach_timeout_s: float = 30.0, poll_s: float = 0.1) -> None:
         self.header = header
@@ -153,6 +153,9 @@ class RunChannel:
         #: a state catch-up needs when Prefect could not record the end.
         self.flow_run_id: str | None = None
         self.summary: dict | None = None
+        #: Live convergence rows (closed loop), newest last, and the stop advice if given: the
+        #: flow shows them as an artifact with its live updates.
+        self.convergence: list[dict] = []
         self.attach_timeout_s = float(attach_timeout_s)
         self.poll_s = float(poll_s)
         self._queue: queue.Queue[Call] = queue.Queue()
@@ -388,6 +391,18 @@ class LiveBridge:
             (self.publisher, run_uid, volumes), {"final": final},
             info={"volumes": volumes, "final": final},
         )
+
+    def convergence_ready(self, run_uid: str, row: dict, advice: dict | None = None) -> None:
+        """A live convergence estimate: straight to the publisher (no task: a small table row,
+        every angle, would cost more in Prefect overhead than it does), and onto the run's
+        channel for the flow's convergence artifact."""
+        forward = getattr(self.publisher, "convergence_ready", None)
+        if callable(forward):
+            forward(run_uid, row, advice)
+        with self._lock:
+            channel = self._channels.get(run_uid)
+        if channel is not None:
+            channel.convergence.append({**row, "stop": bool(advice and advice.get("stop"))})
 
     def run_stopped(self, run_uid: str, status: str, metadata: dict | None = None) -> None:
         args = (self.publisher, run_uid, status)

@@ -42,6 +42,7 @@ def replay_scan(
     run_engine=None,
     connect_grace_s: float = 0.3,
     subscribers: Sequence = (),
+    advisor=None,
 ) -> str:
     """Publish a scan as the document stream of a ptycho-tomo run; returns the run uid.
 
@@ -69,6 +70,10 @@ def replay_scan(
         the TCP connection is up. Listeners that join later still recover the run from its journal.
     subscribers
         Extra RunEngine callbacks for this run (e.g. a local document collector).
+    advisor
+        Closed loop: passed to :func:`ptycho_tomo_plan` (asked between angles for the next one
+        and whether to stop), e.g. ``AdviceClient(address).advisor(angles_deg)``; or an advice
+        server's address (``tcp://…``), for which that advisor is made here.
     """
     if publisher is None and zmq_address is None:
         raise InputError("replay_scan needs zmq_address or publisher")
@@ -77,6 +82,10 @@ def replay_scan(
             raise InputError("replay_scan needs data_root when given a scan in memory")
         data_root = Path(scan_path_or_data).resolve().parent / "runs"
     source = FrameSource.coerce(scan_path_or_data)
+    if isinstance(advisor, str):
+        from apt_stream.stream.advice import AdviceClient
+
+        advisor = AdviceClient(advisor).advisor(source.angles_deg)
     own_publisher = publisher is None
     if own_publisher:
         publisher = make_publisher(zmq_address, serializer=serializer)
@@ -92,7 +101,7 @@ def replay_scan(
         uids = RE(
             ptycho_tomo_plan(
                 detector, rot, stage_x, stage_y, scan_source=source, md=md, rate_limit_hz=rate_hz,
-                angle_order=angle_order, max_angles=max_angles,
+                angle_order=angle_order, max_angles=max_angles, advisor=advisor,
             )
         )
     finally:
