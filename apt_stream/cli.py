@@ -246,6 +246,15 @@ def demo(
         int | None, typer.Option(help="Per-angle work on a local Dask cluster of N worker "
                                  "processes (default: one worker thread).")
     ] = None,
+    adaptive: Annotated[
+        bool, typer.Option(help="Closed loop: the beamline acquires coarse to fine, asks "
+                           "apt-stream for its next angle and stops on its advice; the summary "
+                           "compares the angles needed and PCC with the fixed-N* scan.")
+    ] = False,
+    angles: Annotated[
+        int | None, typer.Option(min=2, help="Plan this many angles (and N*) instead of the "
+                                 "preset's.")
+    ] = None,
 ) -> None:
     """The live demo on loopback: Tiled, Prefect, 0MQ, a simulated beamline, APT, summary."""
     held: dict = {}
@@ -280,6 +289,7 @@ def demo(
                 baselines=baselines, say=lambda msg: console.print(f"[bold cyan]{msg}[/]"),
                 progress_factory=progress_bar, ephemeral=ephemeral,
                 keep_serving=hold if keep_serving else None, workers=workers,
+                adaptive=adaptive, n_angles=angles,
             )
         if not held:
             show(summary)
@@ -497,13 +507,31 @@ def replay(
         Path | None, typer.Option(help="Where the simulated detector writes (default: SCAN's folder/runs).")
     ] = None,
     serializer: Annotated[str, typer.Option(help="msgpack | json")] = "msgpack",
+    advice: Annotated[
+        str | None, typer.Option(help="Closed loop: ask apt-stream's advice server at this 0MQ "
+                                 "address between angles (next angle, stop).")
+    ] = None,
+    order: Annotated[
+        str, typer.Option(help="Angle order: planned | bisection (coarse to fine: the range "
+                          "first, then the gaps).")
+    ] = "planned",
 ) -> None:
     """Publish a scan file as a live Bluesky document stream (RunEngine + zmq Publisher)."""
     with _errors():
+        from apt_stream.errors import InputError
         from apt_stream.plugins.bluesky.replay import replay_scan
 
+        angle_order = None
+        if order == "bisection":
+            from apt_stream.io import read_scan
+            from apt_stream.physics.next_angle import bisection_order
+
+            angle_order = bisection_order(read_scan(scan_path, load_frames=False).n_angles)
+        elif order != "planned":
+            raise InputError(f"--order must be planned or bisection, got {order!r}")
         uid = replay_scan(
-            scan_path, zmq_address=zmq, rate_hz=rate, data_root=data_root, serializer=serializer
+            scan_path, zmq_address=zmq, rate_hz=rate, data_root=data_root, serializer=serializer,
+            advisor=advice, angle_order=angle_order,
         )
         out.print(f"published run {uid}")
 

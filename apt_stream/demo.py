@@ -85,8 +85,19 @@ def live_demo(
     live_every: int | None = DEMO_LIVE_EVERY,
     keep_serving: Callable[[dict], None] | None = None,
     workers: int | None = None,
+    adaptive: bool = False,
+    n_angles: int | None = None,
 ) -> dict:
     """Run the live demo end to end; returns the summary printed by the CLI.
+
+    ``adaptive``: the closed loop (docs/closed-loop.md). The listener runs the live convergence
+    estimate, stop advice (acting on it: the final reconstruction fires at once) and next-angle
+    suggestions, served on a 0MQ advice server; the beamline acquires coarse to fine and asks
+    it between angles for the next angle, ending the scan on stop advice. The summary's
+    ``closed_loop`` compares the angles it needed and its APT PCC with the fixed-N* scan (the
+    same scan's N* angles, reconstructed offline with the same network). ``n_angles``: plan this
+    many angles (and N*) instead of the preset's (e.g. 29 on the tiny preset, whose 7 angles
+    are fewer than the stop rule's minimum).
 
     ``workers``: the per-angle work on a local Dask cluster of that many worker processes
     (None: the listener's own worker thread).
@@ -114,6 +125,8 @@ def live_demo(
 
     t_start = time.perf_counter()
     p = get_preset(preset)
+    if n_angles is not None:
+        p = p.model_copy(update={"scan": p.scan.model_copy(update={"n_angles": int(n_angles)})})
     device = "cpu"
     if p.name == "paper":
         if not _has_gpu():
@@ -152,14 +165,14 @@ def live_demo(
             p=p, rate_hz=rate_hz, checkpoint=checkpoint, baselines=baselines, say=say,
             progress_factory=progress_factory, live_every=live_every, keep_serving=keep_serving,
             t_start=t_start, device=device, work_root=work, work=run_dir, box=box,
-            prefect_ui=prefect_ui, workers=workers)
+            prefect_ui=prefect_ui, workers=workers, adaptive=adaptive)
     finally:
         outer.close()
 
 
 def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_every, keep_serving,
           t_start, device, work_root: Path, work: Path, box: dict, prefect_ui: str | None,
-          workers: int | None = None) -> dict:
+          workers: int | None = None, adaptive: bool = False) -> dict:
     """The demo once the scan is simulated and Prefect is up: steps 2-5 (``work``: this run's
     folder, ``work_root``: the demo folder with the Tiled store)."""
     from apt_stream.figures import preview_png
@@ -203,9 +216,12 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             checkpoint=str(checkpoint), max_runs=1, n_star=p.scan.n_angles,
             theta_star_deg=p.scan.angle_range_deg, backup_dir=str(work / "backup"),
             live_every=live_every, device=device, workers=workers,
+            **({"convergence": True, "stop_advice": True, "stop_act": True, "suggest": 3,
+                "advice_address": "tcp://127.0.0.1:0"} if adaptive else {}),
         )
+        advice_at: list[str] = []
         resources = LiveResources(
-            publisher=publisher, stop=stop,
+            publisher=publisher, stop=stop, on_advice_server=advice_at.append,
             on_ready=lambda listener: (listeners.append(listener), ready.set()),
             truth_fn=lambda header: scan.truth, on_scan_start=scan_started,
         )
@@ -230,6 +246,10 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
         say(f"3/5 acquiring: simulated beamline at {rate_text} in its own process")
         t_acq = time.perf_counter()
         rate_args = ["--rate", str(rate_hz)] if rate_hz else []
+        if adaptive:  # coarse to fine, asking apt-stream between angles
+            say(f"   closed loop: the beamline asks {advice_at[0]} for its next angle and "
+                "stops on advice")
+            rate_args += ["--advice", advice_at[0], "--order", "bisection"]
         # The beamline's output goes to a file: a pipe nobody reads while we poll could fill up.
         beam_log = stack.enter_context(open(work / "beamline.log", "w"))
         beamline = subprocess.Popen(
@@ -278,9 +298,13 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
         volumes = {"approximant": approximant}
         if "apt" in node:
             volumes["apt"] = np.asarray(node["apt"].read())
+        run_stats = (result.get("runs") or {}).get(run_uid, {})
+        acquired = list(range(scan.n_angles))
+        if adaptive and "angles" in node:  # the angles the closed loop measured
+            acquired = sorted({int(a) for a in node["angles"].read()["angle_id"]})
         if baselines:
             t0 = time.perf_counter()
-            angles, proj = tomography_projections(scan, list(range(scan.n_angles)))
+            angles, proj = tomography_projections(scan, acquired)
             base = baseline_volumes(angles, proj, scan.volume_shape_zyx)
             volumes.update(base)
             publisher.reconstruction_ready(
@@ -295,7 +319,10 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             title=f"{p.name}: {scan.n_angles} angles over ±{p.scan.angle_range_deg}°",
         )
         pub = publisher.stats()
-        run_stats = (result.get("runs") or {}).get(run_uid, {})
+        closed_loop = None
+        if adaptive:
+            closed_loop = _compare_fixed(scan, p, checkpoint, device, run_stats, acquired,
+                                         metrics, say)
         latency = None
         if run_uid in pub["apt_readable_at"] and "trigger_frame_received_at" in run_stats:
             latency = pub["apt_readable_at"][run_uid] - run_stats["trigger_frame_received_at"]
@@ -304,7 +331,7 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
         summary = {
             "run_uid": run_uid,
             "status": node.metadata.get("status"),
-            "angles": int(scan.n_angles),
+            "angles": len(acquired),
             "frames": int(scan.n_frames),
             "frame_rate_hz": rate_hz,
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -345,6 +372,8 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             "scan_file": str(scan_path),
             "run_dir": str(work),
         }
+        if closed_loop is not None:
+            summary["closed_loop"] = closed_loop
         summary["timings_s"]["total_s"] = round(time.perf_counter() - t_start, 2)
         pct = summary["prefect_overhead_pct"]
         if pct is not None:
@@ -355,3 +384,36 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
         keep_serving(summary)  # the embedded Tiled server is closed; Prefect's is still up
     return summary
 
+
+
+def _compare_fixed(scan, p, checkpoint, device: str, run_stats: dict, acquired: list[int],
+                   metrics: dict, say: Callable[[str], None]) -> dict:
+    """The closed loop's part of the summary: angles needed and APT PCC against the fixed-N*
+    scan (the same scan's N* angles over ±θ*, reconstructed offline with the same network)."""
+    from apt_stream.reconstruct import reconstruct_scan
+
+    n_star, theta = int(p.scan.n_angles), float(p.scan.angle_range_deg)
+    t0 = time.perf_counter()
+    fixed = reconstruct_scan(scan, n_angles=n_star, range_deg=theta, checkpoint=checkpoint,
+                             device=device)
+    pcc_fixed = float(fixed.metrics["apt"]["pcc"]) if fixed.metrics else None
+    pcc_adaptive = float(metrics["apt"]["pcc"]) if "apt" in metrics else None
+    out = {
+        "angles_needed": len(acquired),
+        "n_star": n_star,
+        "angles_saved": n_star - len(acquired),
+        "stop_advised_at_n": run_stats.get("stop_advised_at_n"),
+        "fired_early": bool(run_stats.get("fired_early")),
+        "pcc_adaptive": None if pcc_adaptive is None else round(pcc_adaptive, 4),
+        "pcc_fixed_n_star": None if pcc_fixed is None else round(pcc_fixed, 4),
+        "dsc_adaptive": round(float(metrics["apt"]["dsc"]), 4) if "apt" in metrics else None,
+        "dsc_fixed_n_star": round(float(fixed.metrics["apt"]["dsc"]), 4) if fixed.metrics
+        else None,
+        "fixed_offline_s": round(time.perf_counter() - t0, 2),
+        "convergence": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                        for r in run_stats.get("convergence") or []],
+    }
+    say(f"   closed loop: {out['angles_needed']} angles needed against the fixed N* = {n_star} "
+        f"(saved {out['angles_saved']}); APT PCC {out['pcc_adaptive']} adaptive vs "
+        f"{out['pcc_fixed_n_star']} with all N* angles")
+    return out
