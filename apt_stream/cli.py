@@ -810,6 +810,23 @@ def bench_soak(
                model=model, preset=preset, min_runs=min_runs)
 
 
+@bench_app.command("closed-loop")
+def bench_closed_loop(
+    as_json: _JSON = False,
+    quick: _QUICK = False,
+    phantoms: Annotated[
+        int | None, typer.Option(help="Held-out phantoms (default 12; --quick: 2).")] = None,
+    preset: Annotated[str, typer.Option(help="Scan preset: tiny | demo.")] = "tiny",
+    out: Annotated[
+        Path | None, typer.Option(help="Resumable JSON-lines results file (default: none).")
+    ] = None,
+) -> None:
+    """Stop advice (angles saved, quality lost, advice error rate) and adaptive vs uniform
+    angles on simulated phantoms with truth (docs/closed-loop.md)."""
+    _run_bench("closed_loop", as_json, quick=quick, phantoms=phantoms, preset=preset,
+               out=str(out) if out else None)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -198,6 +198,67 @@ def tables(results: list[dict], target_share: float, tolerance: float) -> str:
     return "\n".join(lines)
 
 
+def run(*, phantoms: int = 12, first_seed: int = 9100, preset: str = "tiny",
+        n_values=N_VALUES, tolerance: float = 0.02, target: float = 0.98,
+        out: str | Path | None = "closed-loop.jsonl", say=print) -> list[dict]:
+    """The per-phantom results (resumed from ``out`` where there; None: no file)."""
+    from apt_stream.reconstruct import load_model
+
+    model, _ = load_model()
+    path = Path(out) if out is not None else None
+    done = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            done[(rec["seed"], rec["preset"])] = rec
+    n_values = [int(v) for v in n_values]
+    results = []
+    for seed in range(first_seed, first_seed + phantoms):
+        rec = done.get((seed, preset))
+        if rec is None:
+            rec = one_phantom(seed, preset, model, n_values, tolerance)
+            if path is not None:
+                with path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if say is not None:
+                say(f"seed {seed}: stop at {rec['n_stop']}, lost {rec['lost']}, "
+                    f"{rec['seconds']} s")
+        results.append(rec)
+    # JSON keys are strings: one form for resumed and fresh results.
+    return [json.loads(json.dumps(r)) for r in results]
+
+
+def headline(results: list[dict], target: float = 0.98) -> dict:
+    """The tables' main figures as numbers (``apt-stream bench closed-loop``)."""
+    n_full = results[0]["n_full"]
+    saved = [n_full - x["n_stop"] for x in results]
+    reach = {m: [n_to_reach(x["curves"][m], target * x["full"]["pcc"]) for x in results]
+             for m in ("adaptive", "uniform")}
+    return {
+        "phantoms": len(results), "preset": results[0]["preset"], "planned_angles": n_full,
+        "angles_at_stop_mean": float(np.mean([x["n_stop"] for x in results])),
+        "angles_saved_mean": float(np.mean(saved)),
+        "pcc_lost_mean": float(np.mean([x["lost"]["pcc"] for x in results])),
+        "dsc_lost_mean": float(np.mean([x["lost"]["dsc"] for x in results])),
+        "advice_wrong": int(sum(x["wrong"] for x in results)),
+        "estimate_s_per_angle": float(np.mean([x["estimate_s"] for x in results])),
+        "n_to_reach_target": {m: [v for v in vals] for m, vals in reach.items()},
+    }
+
+
+def run_all(*, quick: bool = False, phantoms: int | None = None, preset: str | None = None,
+            out: str | None = None) -> dict:
+    """``apt-stream bench closed-loop``: headline figures and the markdown tables. ``quick``:
+    2 tiny-preset phantoms at N = 5, 9, 29, no results file."""
+    preset = preset or "tiny"
+    if quick:
+        results = run(phantoms=phantoms or 2, preset=preset, n_values=(5, 9, 29), out=out,
+                      say=None)
+    else:
+        results = run(phantoms=phantoms or 12, preset=preset, out=out, say=None)
+    return {**headline(results), "tables_markdown": tables(results, 0.98, 0.02)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phantoms", type=int, default=12)
@@ -208,28 +269,9 @@ def main(argv=None) -> None:
     ap.add_argument("--target", type=float, default=0.98)
     ap.add_argument("--out", default="closed-loop.jsonl")
     args = ap.parse_args(argv)
-    from apt_stream.reconstruct import load_model
-
-    model, _ = load_model()
-    out = Path(args.out)
-    done = {}
-    if out.exists():
-        for line in out.read_text().splitlines():
-            rec = json.loads(line)
-            done[(rec["seed"], rec["preset"])] = rec
-    n_values = [int(v) for v in args.n_values.split(",")]
-    results = []
-    for seed in range(args.first_seed, args.first_seed + args.phantoms):
-        rec = done.get((seed, args.preset))
-        if rec is None:
-            rec = one_phantom(seed, args.preset, model, n_values, args.tolerance)
-            with out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"seed {seed}: stop at {rec['n_stop']}, lost {rec['lost']}, "
-                  f"{rec['seconds']} s", flush=True)
-        results.append(rec)
-    # JSON keys are strings: one form for resumed and fresh results.
-    results = [json.loads(json.dumps(r)) for r in results]
+    results = run(phantoms=args.phantoms, first_seed=args.first_seed, preset=args.preset,
+                  n_values=args.n_values.split(","), tolerance=args.tolerance,
+                  target=args.target, out=args.out, say=lambda m: print(m, flush=True))
     print(tables(results, args.target, args.tolerance))
 
 
