@@ -21,27 +21,32 @@ _VARIABLE = re.compile(r"\$\{(\w+)\}")
 
 
 def server_config(
-    data_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000
+    data_dir: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000,
+    readable_storage: list[str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """The Tiled service configuration (a dict ready for YAML) for one data folder.
 
     ``data_dir`` may be ``"${APT_STREAM_TILED_DATA}"`` to leave it to the environment, as
-    deploy/tiled-config.yml does.
+    deploy/tiled-config.yml does (with ``readable_storage=["${APT_STREAM_DATA_ROOT}"]``: the
+    folders of the detector files that raw runs reference).
     """
     if not 0 <= int(port) <= 65535:
         raise ConfigError(f"port must be within 0..65535, got {port}")
     data = str(data_dir)
+    args: dict[str, Any] = {
+        "uri": f"sqlite:///{data}/catalog.db",
+        "init_if_not_exists": True,
+        "writable_storage": [f"{data}/data", f"sqlite:///{data}/tables.sqlite"],
+    }
+    if readable_storage:
+        args["readable_storage"] = [str(p) for p in readable_storage]
     return {
         "authentication": {"allow_anonymous_access": False},
         "trees": [
             {
                 "path": "/",
                 "tree": "catalog",
-                "args": {
-                    "uri": f"sqlite:///{data}/catalog.db",
-                    "init_if_not_exists": True,
-                    "writable_storage": [f"{data}/data", f"sqlite:///{data}/tables.sqlite"],
-                },
+                "args": args,
             }
         ],
         "uvicorn": {"host": host, "port": int(port)},
