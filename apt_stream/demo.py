@@ -319,6 +319,8 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             title=f"{p.name}: {scan.n_angles} angles over ±{p.scan.angle_range_deg}°",
         )
         pub = publisher.stats()
+        # frames acquired (a closed-loop scan ends before the planned ones)
+        n_frames = int(np.isin(np.asarray(scan.angle_index), acquired).sum())
         closed_loop = None
         if adaptive:
             closed_loop = _compare_fixed(scan, p, checkpoint, device, run_stats, acquired,
@@ -332,7 +334,7 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             "run_uid": run_uid,
             "status": node.metadata.get("status"),
             "angles": len(acquired),
-            "frames": int(scan.n_frames),
+            "frames": n_frames,
             "frame_rate_hz": rate_hz,
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
             "latency_s": None if latency is None else round(latency, 2),
@@ -351,7 +353,7 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             "tiled_share_pct": round(100 * pub["tiled_s"] / live_s, 2) if live_s else None,
             "max_backlog_frames": live.get("max_backlog_frames"),
             "dask_workers": (result.get("cluster") or {}).get("workers"),
-            "acquired_fps": round(scan.n_frames / timings["acquisition_s"], 1),
+            "acquired_fps": round(n_frames / timings["acquisition_s"], 1),
             "pipeline_capacity_fps": (
                 round(live["frames_processed"] / live["worker_busy_s"], 1)
                 if live.get("worker_busy_s") else None

@@ -20,6 +20,7 @@ def test_demo_adaptive_stops_early_and_compares_with_fixed_n_star(prefect_harnes
     # The beamline acquired exactly the angles up to the advice, fewer than N*.
     assert 9 <= loop["angles_needed"] == loop["stop_advised_at_n"] == summary["angles"] < 29
     assert loop["angles_saved"] == 29 - loop["angles_needed"]
+    assert summary["frames"] == 117 * loop["angles_needed"]  # tiny: 117 frames per angle
     assert math.isfinite(loop["pcc_adaptive"]) and math.isfinite(loop["pcc_fixed_n_star"])
     assert loop["pcc_adaptive"] == round(summary["metrics_vs_truth"]["apt"]["pcc"], 4)
     # The stop never cost much quality (docs/closed-loop.md: the advice's error criterion).
