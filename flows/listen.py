@@ -257,6 +257,11 @@ def _listen(config: ListenConfig, resources: Any, resources_stack: contextlib.Ex
             open_cluster(workers=config.workers, address=config.dask_address))
         log.info("per-angle work on the Dask cluster at %s (%d workers; dashboard %s)",
                  cluster.address, len(cluster.workers), cluster.dashboard)
+        if res.reconstruct_fn is None:  # the network runs on a worker too, loaded once there
+            from apt_stream.reconstruct import DEFAULT_CHECKPOINT
+
+            reconstruct_fn = cluster.reconstruct_fn(config.checkpoint or str(DEFAULT_CHECKPOINT),
+                                                    device=config.device)
     bridge = LiveBridge(
         publisher,
         engine_factory=res.engine_factory or default_engine_factory(

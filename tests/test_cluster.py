@@ -210,6 +210,16 @@ def test_listen_on_a_running_dask_scheduler(prefect_harness, tiled_server, tiled
     # The listener batches frames as they arrive, not as the reference does: pass 1 sums the
     # same gradients in another grouping (the same batches agree to 1e-6, test above).
     assert relative_gap(node["approximant"].read(), reference.volume()) <= 1e-5
+    # The network ran on a worker, which loaded the shipped model once and kept it.
+    apt = node["apt"].read()
+    assert apt.shape == tuple(scan.volume_shape_zyx) and np.isfinite(apt).all() and apt.any()
+
+    def models_loaded() -> int:
+        from apt_stream.cluster import on_worker
+
+        return len(on_worker._MODELS)
+
+    assert sum(cluster.client.run(models_loaded).values()) == 1
 
 
 def test_demo_with_two_workers(prefect_harness, tmp_path):
@@ -239,3 +249,19 @@ def test_bench_scale_quick_reports_speedup_identity_and_sizing():
     cpu = result["paper_scale"]["cpu"]
     assert (cpu["frame_px"], cpu["modes"], cpu["slices"]) == (128, 12, 5)
     assert cpu["workers_to_keep_up"] >= 500 * cpu["seconds_per_frame"]["median"]
+
+
+def test_the_network_on_a_worker_gives_the_local_volumes(scan, reference, cluster):
+    """Inference on a worker (model loaded there once) = inference in the listener."""
+    from apt_stream.flows.wiring import model_reconstructor
+    from apt_stream.reconstruct import DEFAULT_CHECKPOINT
+
+    local, _info = model_reconstructor(None)
+    remote = cluster.reconstruct_fn(str(DEFAULT_CHECKPOINT))
+    volume = reference.volume()
+    kwargs = {"projections": reference.projections(),
+              "input_projections": reference.projections(refined=False)}
+    here, there = local(volume, None, **kwargs), remote(volume, None, **kwargs)
+    assert set(here) == set(there) and "apt" in here
+    for name in here:
+        assert relative_gap(there[name], here[name]) <= 1e-4, name

@@ -59,6 +59,24 @@ class Cluster:
         return make
 
 
+    def reconstruct_fn(self, checkpoint: str, *, device: str = "cpu", threads_per_task: int = 1):
+        """``reconstruct_fn(volume, header, projections=None, input_projections=None)`` that
+        runs the network on a worker, which loads ``checkpoint`` once and keeps it (the path
+        must exist on the workers: the shipped model is inside the installed package)."""
+        from apt_stream.cluster import on_worker
+
+        client = self.client
+
+        def reconstruct(volume: Any, header: Any, projections: Any = None,
+                        input_projections: Any = None) -> dict:
+            future = client.submit(on_worker.reconstruct, str(checkpoint), device,
+                                   threads_per_task, volume, projections, input_projections,
+                                   pure=False)
+            return future.result()
+
+        return reconstruct
+
+
 @contextlib.contextmanager
 def open_cluster(*, workers: int | None = None, address: str | None = None,
                  threads_per_worker: int = 1, timeout_s: float = 60.0) -> Iterator[Cluster]:

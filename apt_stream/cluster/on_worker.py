@@ -162,3 +162,28 @@ def drop_run(run_uid: str) -> bool:
         for key in [k for k in _ARRIVALS if k[0] == run_uid]:
             del _ARRIVALS[key]
         return _ENGINES.pop(run_uid, None) is not None
+
+
+_MODELS: dict[tuple[str, str], Any] = {}
+
+
+def reconstruct(checkpoint: str, device: str, threads: int, volume: np.ndarray,
+                projections: Any = None, input_projections: Any = None) -> dict[str, np.ndarray]:
+    """The APT volumes of a merged Approximant, with the network loaded once per worker
+    (and device): a worker keeps the model it loaded for every later trigger."""
+    from apt_stream.model import load_checkpoint
+    from apt_stream.reconstruct import apt_volumes
+
+    key = (str(checkpoint), str(device))
+    with _LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            import torch
+
+            _tune_allocator()
+            torch.set_num_threads(max(1, int(threads)))
+            model, _meta = load_checkpoint(checkpoint, map_location=device)
+            _MODELS[key] = model
+    return apt_volumes(model, volume, projections=projections,
+                       input_projections=input_projections, device=device)
+
