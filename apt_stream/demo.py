@@ -368,7 +368,7 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             "raw_run": node.metadata.get("raw_run"),
             "reconstruct_from_tiled": (
                 f"apt-stream reconstruct tiled://127.0.0.1:8000/raw/{run_uid} --data-root "
-                f"{work_root} --angles {p.scan.n_angles} --range {p.scan.angle_range_deg:g}"
+                f"{work_root} --angles {len(acquired)} --range {p.scan.angle_range_deg:g}"
                 "   # with `apt-stream serve` running"),
             "previews": sorted(str(x) for x in (work / "previews").glob("*.png")),
             "scan_file": str(scan_path),
