@@ -587,6 +587,14 @@ def listen(
         str | None, typer.Option(help="Closed loop: serve the advice on this 0MQ REP address "
                                  "(e.g. tcp://127.0.0.1:5580) for the plan's advisor.")
     ] = None,
+    queue_address: Annotated[
+        str | None, typer.Option(help="Closed loop: queue each suggested angle on the "
+                                 "bluesky-queueserver at this 0MQ control address "
+                                 "(e.g. tcp://127.0.0.1:60615).")
+    ] = None,
+    queue_start: Annotated[
+        bool, typer.Option(help="Closed loop: start the queue server's queue when idle.")
+    ] = False,
 ) -> None:
     """Serve a beamline: follow its proxy, reconstruct every scan live, publish to Tiled.
 
@@ -651,6 +659,7 @@ def listen(
                     run_idle_timeout_s=run_idle_timeout, workers=workers, dask_address=dask,
                     convergence=convergence, stop_advice=stop_advice, stop_act=stop_act,
                     suggest=suggest, advice_address=advice_address,
+                    queue_address=queue_address, queue_start=queue_start,
                 )
                 def work_done(result: dict) -> None:
                     # The flow's work is over; if Prefect cannot record its end (its server

@@ -98,6 +98,11 @@ class ListenConfig(BaseModel):
     advice_address: str | None = Field(
         None, description="closed loop: serve the newest advice on this 0MQ REP address "
         "(tcp://127.0.0.1:PORT; port 0: a free one) for ptycho_tomo_plan(advisor=...)")
+    queue_address: str | None = Field(
+        None, description="closed loop: queue each suggested angle (measure_angle) on the "
+        "bluesky-queueserver RE Manager at this 0MQ control address (implies suggest >= 1)")
+    queue_start: bool = Field(
+        False, description="closed loop: start the queue server's queue when it is idle")
     curve_server_key: str | None = Field(
         None, description="the proxy's CURVE public key (Z85); set to require CURVE"
     )
@@ -170,22 +175,34 @@ def _closed_loop(config: ListenConfig, stack: contextlib.ExitStack) -> tuple[dic
     """The LiveReconstructor's closed-loop keywords from the config (all off by default), and
     the advice server when ``advice_address`` is set (closed with ``stack``)."""
     wanted = (config.convergence or config.stop_advice or config.stop_act or config.suggest > 0
-              or config.advice_address is not None)
+              or config.advice_address is not None or config.queue_address is not None)
     if not wanted:
         return {}, None
     from apt_stream.physics.convergence import ConvergenceOptions
     from apt_stream.stream.trigger import StopPolicy
 
-    keywords: dict[str, Any] = {"convergence": ConvergenceOptions(), "suggest": config.suggest}
+    suggest = max(config.suggest, 1) if config.queue_address else config.suggest
+    keywords: dict[str, Any] = {"convergence": ConvergenceOptions(), "suggest": suggest}
     if config.stop_advice or config.stop_act:
         keywords["stop_policy"] = StopPolicy(act=config.stop_act)
     server = None
+    routes: list[Callable[[str, dict], Any]] = []
     if config.advice_address is not None:
         from apt_stream.stream.advice import AdviceBoard, AdviceServer
 
         board = AdviceBoard()
         server = stack.enter_context(AdviceServer(board, config.advice_address))
-        keywords["on_advice"] = board.post
+        routes.append(board.post)
+    if config.queue_address is not None:
+        from apt_stream.plugins.bluesky.queue import QueueRoute
+
+        routes.append(QueueRoute(config.queue_address, start=config.queue_start))
+    if routes:
+        def on_advice(run_uid: str, advice: dict) -> None:
+            for route in routes:  # each route logs its own failures
+                route(run_uid, dict(advice))
+
+        keywords["on_advice"] = on_advice
     return keywords, server
 
 

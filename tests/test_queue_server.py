@@ -144,3 +144,56 @@ def test_queue_route_queues_and_runs_the_suggested_angle(queue_server, tmp_path)
     events = [d for d in docs if (d.get("name") if isinstance(d, dict) else d[0]) == "event"]
     assert events, "no frames acquired"
     assert route.errors == 0 and len(route.queued) == 1
+
+
+def test_listen_queues_suggestions_on_the_queue_server(queue_server, prefect_harness,
+                                                       tiled_server, tmp_path, monkeypatch):
+    """`listen --suggest 3 --queue-address ADDR`: a real RunEngine scan (10 of 29 planned angles,
+    coarse to fine) through the listen flow; each estimate's top suggestion lands in the real
+    RE Manager's queue as measure_angle of a planned angle not yet measured, each angle once."""
+    import threading
+
+    import numpy as np
+
+    from apt_stream.config import get_preset
+    from apt_stream.flows.listen import ListenConfig, LiveResources, listen
+    from apt_stream.physics.next_angle import bisection_order
+    from apt_stream.plugins.bluesky import replay_scan, start_proxy
+    from apt_stream.sim.acquire import simulate_scan
+
+    api = queue_server["api"]
+    api.queue_clear()
+    monkeypatch.setenv("APT_STREAM_TILED_URI", tiled_server.uri)
+    monkeypatch.setenv("APT_STREAM_TILED_API_KEY", tiled_server.api_key)
+    scan = simulate_scan(get_preset("tiny"), seed=12, n_angles=29, range_deg=17.0)
+    order = bisection_order(29)[:10]
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    with start_proxy() as proxy:
+        def publish(listener) -> None:
+            threading.Thread(target=lambda: replay_scan(
+                scan, zmq_address=proxy.in_address, data_root=runs_dir, angle_order=order),
+                daemon=True).start()
+
+        config = ListenConfig(
+            proxy_address=proxy.out_address, data_roots=[str(runs_dir)],
+            spool_dir=str(tmp_path / "spool"), backup_dir=str(tmp_path / "backup"),
+            preview_dir=str(tmp_path / "previews"), n_star=29, theta_star_deg=17.0,
+            max_runs=1, max_duration_s=240, queue_address=queue_server["control"],
+        )
+        result = listen(config, LiveResources(on_ready=publish))
+    (stats,) = result["runs"].values()
+    n_estimates = len(stats["convergence"])
+    assert n_estimates >= 3  # from the 6th angle on
+    items = api.queue_get()["items"]
+    angles = [it["kwargs"]["angle_deg"] for it in items]
+    assert all(it["name"] == "measure_angle" for it in items)
+    assert 1 <= len(angles) <= n_estimates and len(set(angles)) == len(angles)
+    planned = np.asarray(scan.angles_deg)
+    for it in items:
+        # a planned angle not measured yet when the estimate suggested it
+        n = it["kwargs"]["md"]["apt_stream_advice_n_angles"]
+        a = it["kwargs"]["angle_deg"]
+        measured = set(np.round(planned[order[:n]], 6))
+        assert np.min(np.abs(planned - a)) < 1e-6 and round(a, 6) not in measured
+    api.queue_clear()
