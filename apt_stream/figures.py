@@ -486,3 +486,52 @@ def attention_png(model, approximant: np.ndarray, path: str | Path, *, voxel=Non
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def convergence_png(rows: list[Mapping[str, Any]], path: str | Path, *,
+                    n_star: int | None = None, title: str | None = None) -> Path:
+    """The live convergence estimates against the number of angles, as a PNG.
+
+    Top: half-split agreement (FRC) and resolution (× Nyquist), both in [0, 1]. Bottom, on a
+    log axis: the change between successive estimates and the held-out residual. The angle
+    count of a stop advice and N* are marked.
+    """
+    plt = _mpl()
+    n = [int(r["n_angles"]) for r in rows]
+
+    def series(key: str) -> list[float]:
+        return [float(r[key]) if r.get(key) is not None else math.nan for r in rows]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.0, 4.6), sharex=True,
+                                      layout="constrained")
+    top.plot(n, series("frc_half"), "o-", label="half-split FRC")
+    top.plot(n, series("resolution"), "s-", label="resolution (× Nyquist)")
+    top.set_ylim(0, 1.05)
+    top.set_ylabel("agreement")
+    for key, label, marker in (("change", "change between estimates", "o-"),
+                               ("heldout_residual", "held-out residual", "^-")):
+        values = [v if v > 0 else math.nan for v in series(key)]
+        if any(math.isfinite(v) for v in values):
+            bottom.plot(n, values, marker, label=label)
+    bottom.set_yscale("log")
+    bottom.set_xlabel("finished angles")
+    bottom.set_ylabel("relative")
+    stops = [int(r["n_angles"]) for r in rows if r.get("stop")]
+    for ax in (top, bottom):
+        if stops:
+            ax.axvline(stops[0], color="tab:red", linestyle="--",
+                       label=f"stop advised ({stops[0]})" if ax is top else None)
+        if n_star:
+            ax.axvline(n_star, color="0.5", linestyle=":",
+                       label=f"N* = {n_star}" if ax is top else None)
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=7, loc="lower right")
+    bottom.legend(fontsize=7, loc="upper right")
+    if title:
+        top.set_title(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+

@@ -314,6 +314,22 @@ class _LiveView:
         self.writer.create("image", f"{self.key}-preview-0", png_data_url(png), title)
         self.book.live_previews.append(str(png))
 
+    def _convergence_plot(self, rows: list[dict]) -> None:
+        """The same estimates as a plot (image artifact), rendered outside any task."""
+        from apt_stream.figures import convergence_png
+
+        t0 = time.perf_counter()
+        try:
+            png = convergence_png(rows, self.preview_dir / f"{self.key}-convergence.png",
+                                  n_star=self.book.n_star, title=f"scan {self.book.run_uid}")
+        except Exception as exc:
+            self.log.warning("convergence plot failed: %s", exc)
+            return
+        finally:
+            self.book.plain_s["live_preview"] += time.perf_counter() - t0
+        self.writer.create("image", f"{self.key}-convergence-plot", png_data_url(png),
+                           f"live convergence of {self.book.run_uid} ({len(rows)} estimates)")
+
     def update(self, *, final: bool = False, preview: bool = True) -> None:
         """Write the newest table, progress and (``preview``) the Approximant preview."""
         book = self.book
@@ -332,6 +348,7 @@ class _LiveView:
             self.writer.create("markdown", f"{self.key}-convergence",
                                convergence_markdown(rows, n_star=book.n_star),
                                f"live convergence of {book.run_uid} ({len(rows)} estimates)")
+            self._convergence_plot(rows)
             self.shown_convergence = len(rows)
             book.convergence = rows
         if preview and not final:

@@ -91,3 +91,9 @@ def test_listen_closed_loop_stops_early_and_publishes_convergence(
     # one table row per estimate, by angle count
     rows = [line for line in art.data.splitlines() if line.startswith("| ") and "---" not in line]
     assert [int(r.split("|")[1]) for r in rows[1:]] == [r["n_angles"] for r in stats["convergence"]]
+    # ... and as a plot beside it (an image artifact: a PNG data URL)
+    with get_client(sync_client=True) as client:
+        (plot,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{key}-plot"])),
+            sort=ArtifactSort.CREATED_DESC, limit=1)
+    assert plot.type == "image" and plot.data.startswith("data:image/png;base64,")
