@@ -221,6 +221,13 @@ def approximant(
         _print_json(result)
 
 
+#: ``demo`` and ``listen``: the per-angle work on a local Dask cluster (docs/deployment.md).
+_WORKERS = Annotated[
+    int | None, typer.Option(min=1, help="Per-angle work on a local Dask cluster of N worker "
+                             "processes (default: the listener's one worker thread).")
+]
+
+
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path(
@@ -242,10 +249,7 @@ def demo(
         bool, typer.Option(help="Afterwards keep the Prefect UI and Tiled (apt-stream serve "
                            "WORKDIR) up until Ctrl-C.")
     ] = False,
-    workers: Annotated[
-        int | None, typer.Option(help="Per-angle work on a local Dask cluster of N worker "
-                                 "processes (default: one worker thread).")
-    ] = None,
+    workers: _WORKERS = None,
     adaptive: Annotated[
         bool, typer.Option(help="Closed loop: the beamline acquires coarse to fine, asks "
                            "apt-stream for its next angle and stops on its advice; the summary "
@@ -561,10 +565,7 @@ def listen(
     run_idle_timeout: Annotated[
         float, typer.Option(min=1.0, help="Close a run with no document for this long (s) as abandoned.")
     ] = 600.0,
-    workers: Annotated[
-        int | None, typer.Option(min=1, help="Per-angle work on a local Dask cluster of N "
-                                 "worker processes.")
-    ] = None,
+    workers: _WORKERS = None,
     dask: Annotated[
         str | None, typer.Option(help="Per-angle work on the Dask scheduler at this address "
                                  "(tcp://HOST:PORT).")
