@@ -352,3 +352,31 @@ def test_model_package_imports_no_services():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parent)
+
+
+# --- input skip (full-resolution skip and global residual) -------------------------------------
+
+
+def test_input_skip_passes_a_channel_straight_through_when_the_network_is_silenced():
+    # With the head zeroed and the residual set to pick channel 1, the output IS that channel:
+    # the data-consistent input reaches the output at full resolution, untouched.
+    torch.manual_seed(0)
+    model = tiny_model(in_channels=2, input_skip=True).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.input_residual.weight.copy_(torch.tensor([0.0, 1.0]).view(1, 2, 1, 1, 1))
+        inp = torch.randn(1, 2, 16, 16, 16)
+        out = model(inp)
+    torch.testing.assert_close(out[0, 0], inp[0, 1])
+
+
+def test_input_residual_starts_at_zero_and_input_skip_needs_matching_grids():
+    plain = tiny_model(in_channels=2)
+    skip = tiny_model(in_channels=2, input_skip=True)
+    assert skip.input_residual is not None and not skip.input_residual.weight.any()
+    assert plain.input_residual is None
+    with pytest.raises(ConfigError, match="input_skip needs upsample_xy == 1"):
+        tiny_model(input_skip=True, upsample_xy=2)
+    with pytest.raises(ConfigError, match="input_skip must be true or false"):
+        tiny_model(input_skip="yes")

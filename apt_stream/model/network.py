@@ -65,6 +65,13 @@ class NetworkConfig:
         Lateral upsampling of the output (1 or 2): output (Z, u*Y, u*X).
     upsample_mode : {"nearest", "trilinear"}
     norm : {"batch", "group"}
+    input_skip : bool
+        Feed the input itself, at full resolution, to the last decoder block as its skip, and add
+        a learned per-channel linear map of the input to the head's output (a global residual).
+        Off in the paper's network, whose stem halves the depth before any skip, so the finest
+        depth detail has to be re-invented by the decoder; on, a data-consistent input channel
+        (SART) passes straight through and the network learns the correction (needs
+        ``upsample_xy == 1``).
     input_zyx : tuple of 3 int
         Nominal input patch (Z, Y, X): sizes the attention spans and :func:`model_info`.
     """
@@ -90,6 +97,7 @@ class NetworkConfig:
     upsample_xy: int = 2
     upsample_mode: str = "nearest"
     norm: str = "batch"
+    input_skip: bool = False
     input_zyx: tuple[int, int, int] = field(default=(280, 64, 64))
 
     def __post_init__(self) -> None:
@@ -147,6 +155,10 @@ class NetworkConfig:
             raise ConfigError(f"upsample_xy must be 1, 2 or 4, got {self.upsample_xy}")
         if self.upsample_mode not in UPSAMPLE_MODES:
             raise ConfigError(f"upsample_mode must be one of {UPSAMPLE_MODES}, got {self.upsample_mode!r}")
+        if not isinstance(self.input_skip, bool):
+            raise ConfigError(f"input_skip must be true or false, got {self.input_skip!r}")
+        if self.input_skip and self.upsample_xy != 1:
+            raise ConfigError("input_skip needs upsample_xy == 1 (the input and output grids must match)")
         if self.norm not in NORM_KINDS:
             raise ConfigError(f"norm must be one of {NORM_KINDS}, got {self.norm!r}")
         if len(self.input_zyx) != 3:
@@ -268,7 +280,7 @@ class APTNet(nn.Module):
             decoders.append(
                 DecoderBlock(
                     ch, width,
-                    skip_ch=None if last else cfg.stage_widths[n - 2 - i],
+                    skip_ch=(cfg.in_channels if cfg.input_skip else None) if last else cfg.stage_widths[n - 2 - i],
                     scale_zyx=(cfg.stem_stride_z, cfg.upsample_xy, cfg.upsample_xy) if last else (2, 2, 2),
                     kernel=cfg.decoder_kernel, mode=cfg.upsample_mode, norm=cfg.norm,
                 )
@@ -276,6 +288,10 @@ class APTNet(nn.Module):
             ch = width
         self.decoder = nn.ModuleList(decoders)
         self.head = conv3d(ch, cfg.out_channels, cfg.decoder_kernel, bias=True)
+        # 1x1x1, no bias, zero at start: training decides how much of each input passes through.
+        self.input_residual = (
+            nn.Conv3d(cfg.in_channels, cfg.out_channels, 1, bias=False) if cfg.input_skip else None
+        )
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -283,6 +299,8 @@ class APTNet(nn.Module):
             if isinstance(m, nn.Conv3d) and m.kernel_size != (1, 1, 1):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.head.bias)
+        if self.input_residual is not None:
+            nn.init.zeros_(self.input_residual.weight)
 
     @property
     def upsample_xy(self) -> int:
@@ -343,8 +361,14 @@ class APTNet(nn.Module):
             h = block(h)
         n = len(self.decoder)
         for i, dec in enumerate(self.decoder):
-            h = dec(h, feats[n - 2 - i] if i < n - 1 else None)
-        return self.head(h)
+            if i < n - 1:
+                h = dec(h, feats[n - 2 - i])
+            else:
+                h = dec(h, x if self.config.input_skip else None)
+        out = self.head(h)
+        if self.input_residual is not None:
+            out = out + self.input_residual(x)
+        return out
 
     def bottleneck_index(self, zyx: Sequence[int]) -> tuple[int, int, int]:
         """Bottleneck voxel (attention-map index) that covers input voxel ``(z, y, x)``."""

@@ -107,6 +107,21 @@ register_preset(
 )
 
 
+register_preset(
+    "cpu-wide",
+    description=(
+        "The cpu preset at 1.5x width (stages 24/48/96 ch, attention 48->96 ch, decoder 48/24/12) "
+        "with the input fed to the last decoder block at full resolution and a learned linear "
+        "residual of the input channels; 32³ patches; trains on 2 CPU cores"
+    ),
+    stem_width=12, stem_kernel=7, stem_stride_z=2,
+    stage_blocks=(1, 1, 1), stage_widths=(24, 48, 96), bottleneck_ratio=4,
+    block_kernels=(3, 3, 3), shortcut_kernel=3,
+    attn_blocks=1, attn_heads=4, attn_width=48, attn_out=96,
+    decoder_widths=(48, 24, 12), upsample_xy=1, input_skip=True, input_zyx=(32, 32, 32),
+)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
