@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_image_artifact
 from prefect.states import Completed, Failed
 
 from apt_stream.private_dir import private_dir
@@ -58,17 +57,6 @@ def _timed_task(book: ScanBook, kind: str, task: Callable, *args: Any, **kwargs:
         body_s, publish_s = tasks.take_body_seconds()
         book.record(kind, call_s=time.perf_counter() - t0, body_s=body_s, publish_s=publish_s,
                     error=error)
-
-
-def _artifact(book: ScanBook, create: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Create or update an artifact; its time counts as Prefect overhead."""
-    t0 = time.perf_counter()
-    try:
-        return create(*args, **kwargs)
-    finally:
-        kind = getattr(create, "__name__", "artifact").replace("create_", "").replace(
-            "_artifact", "")
-        book.record_artifact(kind, time.perf_counter() - t0)
 
 
 class ArtifactWriter:
@@ -179,7 +167,8 @@ def live_every_auto(book: ScanBook, *, budget: float = LIVE_BUDGET, most: int = 
 
 
 def _on_volumes(book: ScanBook, channel: RunChannel, call: Call, *, preview_dir: Path,
-                truth_fn: Callable | None, log: logging.Logger | logging.LoggerAdapter) -> None:
+                truth_fn: Callable | None, log: logging.Logger | logging.LoggerAdapter,
+                writer: ArtifactWriter) -> None:
     """Previews (and metrics for the final volumes) while the worker waits on this call."""
     final = bool(call.info["final"])
     shown = dict(call.info["volumes"])
@@ -222,8 +211,8 @@ def _on_volumes(book: ScanBook, channel: RunChannel, call: Call, *, preview_dir:
             options = {"voxel_size_m": voxel_size_m, "truth": truth if fits else None}
             png = _timed_task(book, "preview", tasks.preview, group,
                               preview_dir / f"{key}-{name}-{i}.png", title, **options)
-            _artifact(book, create_image_artifact, png_data_url(png), key=f"{key}-preview-{i}",
-                      description=title)
+            # The flow's one client (Prefect's create_image_artifact opens a new one per call).
+            writer.create("image", f"{key}-preview-{i}", png_data_url(png), title)
             book.previews.append(str(png))
             shown_pngs.append(str(png))
         if shown_pngs:
@@ -534,7 +523,8 @@ def reconstruct_scan(
                 elif call.kind == "reconstruct":
                     book.reconstructions += 1
                 elif call.kind == "reconstruction_ready":
-                    _on_volumes(book, channel, call, preview_dir=pdir, truth_fn=truth_fn, log=log)
+                    _on_volumes(book, channel, call, preview_dir=pdir, truth_fn=truth_fn, log=log,
+                                writer=writer)
                 elif call.kind == "run_stopped":
                     book.status = call.info["status"]
                     book.gaps = {k: call.info[k] for k in ("frames_missing", "angles_with_gaps")
