@@ -76,13 +76,14 @@ def apt_volumes(
     inputs = network_input(model, approximant, input_projections or projections, device=device)
     raw = apt_volume(model, inputs, device=device, dtype=dtype, progress=progress)
     n_iter = dc_sweeps(model)
-    # The shipped model records 0 sweeps: measured, the sweeps lowered PCC (docs/results.md).
+    # The shipped model's setting was chosen by measurement (docs/results.md, data consistency).
     if projections is None or len(projections[0]) == 0 or n_iter == 0:
         return {"apt": raw}
     dc = dict(model.io_config.get("data_consistency") or {})
     consistent, _ = enforce_projections(
         raw, projections[0], projections[1], n_iter=n_iter,
-        relaxation=float(dc.get("relaxation", DC_RELAXATION)), report_residual=False,
+        relaxation=float(dc.get("relaxation", DC_RELAXATION)), method=str(dc.get("method", "sart")),
+        report_residual=False,
     )
     return {"apt": consistent, "apt-raw": raw}
 
