@@ -108,7 +108,7 @@ def train_general_model(
     bank_paths: list[Path],
     *,
     out_dir: str | Path,
-    preset: str = "cpu",
+    preset: str = "cpu-wide",
     epochs: int = 60,
     samples_per_epoch: int = 512,
     val_samples: int = 96,
