@@ -407,6 +407,14 @@ def train(
     train_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for training.")] = 96,
     val_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for validation.")] = 6,
     jobs: Annotated[int, typer.Option(help="Processes simulating banks.")] = 2,
+    phantom_shape: Annotated[str, typer.Option(
+        help="NZ,NY,NX voxels of each simulated phantom (the paper preset: 280,128,128); NY and NX "
+             "must be at least the network's patch. Smaller: faster banks, less context per sample.")
+    ] = "32,64,64",
+    bank_angles: Annotated[str, typer.Option(
+        help="MIN,MAX angles scanned per bank phantom (drawn per phantom). Fewer: faster banks, but "
+             "training can only draw angle sets up to that many (the shipped model: 25,61).")
+    ] = "25,61",
     resume: Annotated[bool, typer.Option(help="Continue from OUT/last.safetensors.")] = False,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     finetune: Annotated[
@@ -428,12 +436,21 @@ def train(
         if finetune is not None or gold is not None:
             _finetune(finetune, gold, scan or [], out_dir, epochs, seed, min(samples_per_epoch, 128))
             return
+        from apt_stream.errors import ConfigError
+        from apt_stream.sim.acquisition import AcquisitionRanges
         from apt_stream.training_run import build_training_banks, train_general_model
 
+        shape = _ints(phantom_shape, 3, "--phantom-shape")
+        lo, hi = _ints(bank_angles, 2, "--bank-angles")
+        if min(shape) < 1:
+            raise ConfigError(f"--phantom-shape must be positive, got {phantom_shape!r}")
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"--bank-angles must be MIN,MAX with 1 <= MIN <= MAX, got {bank_angles!r}")
         progress, update = progress_bar("simulating angle banks")
         with progress:
             files = build_training_banks(
-                banks, n_train=train_phantoms, n_val=val_phantoms, jobs=jobs, progress=update
+                banks, n_train=train_phantoms, n_val=val_phantoms, jobs=jobs, progress=update,
+                shape_zyx=shape, ranges=AcquisitionRanges(n_angles=(lo, hi)),
             )
         _, result = train_general_model(
             files, out_dir=out_dir, preset=preset, epochs=epochs,
@@ -444,6 +461,19 @@ def train(
             "best_val_loss": result.best_val_loss,
             "ship_with": f"apt-stream model ship {result.best_path}",
         })
+
+
+def _ints(text: str, n: int, option: str) -> tuple[int, ...]:
+    """``n`` comma-separated integers of a command-line option (ConfigError naming it if not)."""
+    from apt_stream.errors import ConfigError
+
+    try:
+        values = tuple(int(p) for p in text.replace(" ", "").split(",") if p)
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise ConfigError(f"{option} must be {n} comma-separated integers, got {text!r}")
+    return values
 
 
 def _finetune(checkpoint, gold, scans, out_dir, epochs, seed, samples) -> None:
