@@ -371,8 +371,11 @@ def model_info(
 @model_app.command("ship")
 def model_ship(
     checkpoint: Annotated[Path, typer.Argument(help="Trained checkpoint (e.g. runs/apt-general/best.safetensors).")],
-    dc_iterations: Annotated[int | None, typer.Option(help="Data-consistency SART sweeps to record.")] = None,
+    dc_iterations: Annotated[int | None, typer.Option(help="Data-consistency iterations (SIRT) or sweeps (SART) to record; 0: off.")] = None,
     dc_relaxation: Annotated[float | None, typer.Option(help="Data-consistency relaxation to record.")] = None,
+    dc_method: Annotated[
+        str | None, typer.Option(help="Data-consistency solver to record: sirt | sart.")
+    ] = None,
 ) -> None:
     """Make CHECKPOINT the shipped default model (apt_stream/model/weights/apt-cpu.*)."""
     with _errors():
@@ -380,8 +383,14 @@ def model_ship(
         from apt_stream.reconstruct import DEFAULT_CHECKPOINT
 
         model, meta = load_checkpoint(checkpoint)
-        if dc_iterations is not None or dc_relaxation is not None:
+        if dc_method is not None and dc_method not in ("sirt", "sart"):
+            from apt_stream.errors import ConfigError
+
+            raise ConfigError(f"--dc-method must be sirt or sart, got {dc_method!r}")
+        if dc_iterations is not None or dc_relaxation is not None or dc_method is not None:
             dc = dict(model.io_config.get("data_consistency") or {})
+            if dc_method is not None:
+                dc["method"] = dc_method
             if dc_iterations is not None:
                 dc["iterations"] = dc_iterations
             if dc_relaxation is not None:
@@ -395,16 +404,16 @@ def model_ship(
 
 @app.command()
 def train(
-    preset: Annotated[str, typer.Option(help="Network preset to train.")] = "cpu",
+    preset: Annotated[str, typer.Option(help="Network preset to train.")] = "cpu-wide",
     banks: Annotated[Path, typer.Option(help="Folder of angle banks (built or completed first).")] = Path(
         "runs/banks"
     ),
     out_dir: Annotated[Path, typer.Option("--out", help="Checkpoint folder.")] = Path("runs/apt-general"),
-    epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 36,
+    epochs: Annotated[int, typer.Option(help="Epochs in total (resumes count).")] = 40,
     samples_per_epoch: Annotated[
         int, typer.Option(help="Random-angle samples per epoch (fine-tuning: at most 128).")
     ] = 512,
-    train_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for training.")] = 96,
+    train_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for training.")] = 144,
     val_phantoms: Annotated[int, typer.Option(help="Simulated phantoms for validation.")] = 6,
     jobs: Annotated[int, typer.Option(help="Processes simulating banks.")] = 2,
     phantom_shape: Annotated[str, typer.Option(

@@ -90,11 +90,17 @@ def build_training_banks(
     threads = max(1, (os.cpu_count() or 1) // jobs)
     tasks = [(str(folder), split, s, threads, tuple(shape_zyx), ranges) for split, s in todo]
     if jobs == 1:
-        results = map(_worker, tasks)
-        for _ in results:
-            done += 1
-            if progress is not None:
-                progress(done, len(seeds))
+        import torch
+
+        # _worker sets the thread count for a pool process; in this process, put it back after.
+        threads_before = torch.get_num_threads()
+        try:
+            for _ in map(_worker, tasks):
+                done += 1
+                if progress is not None:
+                    progress(done, len(seeds))
+        finally:
+            torch.set_num_threads(threads_before)
     else:
         with mp.get_context("spawn").Pool(jobs, maxtasksperchild=None) as pool:
             for _ in pool.imap_unordered(_worker, tasks):
