@@ -134,7 +134,11 @@ def test_reconstruct_with_shipped_model_and_baselines(tiny_scan_file, tmp_path):
     assert set(volumes) >= {"approximant", "apt", "fbp", "sirt", "sart"}
     for vol in volumes.values():
         assert vol.shape == (12, 24, 32) and np.isfinite(vol).all()
-    assert attrs["model"] == "cpu" and len(attrs["model_sha256"]) == 64
+    from apt_stream.model.checkpoint import read_metadata
+    from apt_stream.reconstruct import DEFAULT_CHECKPOINT
+
+    shipped = read_metadata(DEFAULT_CHECKPOINT)
+    assert attrs["model"] == shipped["preset"] and attrs["model_sha256"] == shipped["sha256"]
     assert set(attrs["metrics"]["apt"]) == {"pcc", "ms_ssim", "dsc", "ber"}
 
 

@@ -35,7 +35,7 @@ def test_shipped_model_loads_verified_and_predicts():
     from apt_stream.reconstruct import DEFAULT_CHECKPOINT, apt_volume, load_model
 
     model, meta = load_model()
-    assert meta["preset"] == "cpu"
+    assert meta["preset"] == "cpu-wide" and model.config.input_skip
     assert read_metadata(DEFAULT_CHECKPOINT)["sha256"] == meta["sha256"]
     assert DEFAULT_CHECKPOINT.stat().st_size < 25 * 2**20
     # The shipped model reads the Approximant and a SART channel: (2, Z, Y, X).
