@@ -56,6 +56,8 @@ KEY_FILE = "api_key"
 CATALOG = "catalog.db"
 TABLE_STORE = "storage.duckdb"
 _STARTUP_TIMEOUT_S = 60.0
+#: Seconds open requests get to finish when the server stops.
+_SHUTDOWN_GRACE_S = 5
 
 
 def default_uri(port: int = DEFAULT_PORT) -> str:
@@ -437,8 +439,11 @@ class ResultsServer:
             handler["filename"] = str(d / file)
         for formatter in log_config["formatters"].values():
             formatter["use_colors"] = False
+        # Ctrl-C must stop the server promptly: a browser tab's keep-alive connection would
+        # otherwise hold uvicorn's graceful shutdown open (seen: > 30 s on a loaded machine).
         config = uvicorn.Config(_UiTableRows(app), host=HOST, port=self.requested_port, loop="asyncio",
-                                log_config=log_config)  # configures logging now
+                                log_config=log_config,  # configures logging now
+                                timeout_graceful_shutdown=_SHUTDOWN_GRACE_S)
         _SERVER_LOG_FILTER.secrets.add(self.api_key)
         _filter_server_logs(_SERVER_LOG_FILTER)
         server = uvicorn.Server(config)
