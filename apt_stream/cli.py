@@ -539,6 +539,15 @@ def serve(
         from apt_stream.publish.serve import serve as serve_folder
 
         serve_folder(folder, port=port, say=lambda text: print(text, flush=True))
+    # The server is closed. A request handler stuck in a worker thread would make the interpreter
+    # wait for it at exit (concurrent.futures joins its threads), so Ctrl-C would not stop the
+    # command (seen in CI: > 30 s after SIGINT); leave now, after flushing what was written.
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()
