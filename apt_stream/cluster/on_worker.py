@@ -35,31 +35,6 @@ class RunSetup:
 _ENGINES: dict[str, StreamingApproximant] = {}
 _ARRIVALS: dict[tuple[str, int], _Arrivals] = {}
 _LOCK = threading.Lock()
-_TUNED: list[bool] = []
-
-
-def _tune_allocator() -> None:
-    """Let glibc keep freed memory for reuse in this worker process.
-
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` (so their memory use
-    reads true); the engine allocates and frees field-sized tensors for every batch, and with
-    that setting each comes back as fresh pages from the kernel: the demo scan's Approximant
-    took 2.6x as long in a worker (9.8 s against 3.8 s in one process, measured here).
-    ``mallopt`` raises both thresholds again at run time, also on workers this package did
-    not start.
-    """
-    if _TUNED:
-        return
-    _TUNED.append(True)
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_trim_threshold, 1 << 30)
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest mmap threshold on 64 bit
 
 
 def _engine(setup: RunSetup) -> StreamingApproximant:
@@ -68,7 +43,6 @@ def _engine(setup: RunSetup) -> StreamingApproximant:
         if engine is None:
             import torch
 
-            _tune_allocator()
             torch.set_num_threads(max(1, int(setup.threads)))
             engine = StreamingApproximant(setup.geometry, options=setup.options,
                                           keep_slices=True, device=setup.device,
@@ -180,7 +154,6 @@ def reconstruct(checkpoint: str, device: str, threads: int, volume: np.ndarray,
         if model is None:
             import torch
 
-            _tune_allocator()
             torch.set_num_threads(max(1, int(threads)))
             model, _meta = load_checkpoint(checkpoint, map_location=device)
             _MODELS[key] = model

@@ -36,13 +36,17 @@ import torch
 
 from apt_stream.errors import InputError
 from apt_stream.physics import geometry
+from apt_stream.physics.allocator import keep_freed_memory
 from apt_stream.physics.multislice import (
+    FlatStart,
     PatchIndex,
     angular_spectrum_kernel,
     extract_patches,
+    flat_start_loss_and_gradient,
     loss_and_gradient,
     probe_illumination,
     scatter_patches,
+    shift_ramps,
     shifted_probes,
 )
 
@@ -111,6 +115,7 @@ class AngleState:
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
+        keep_freed_memory()
         probe_t = torch.as_tensor(np.asarray(probe) if not torch.is_tensor(probe) else probe)
         if probe_t.ndim != 3 or not probe_t.is_complex():
             raise InputError(f"probe must be complex with shape (M, h, w), got {tuple(probe_t.shape)}")
@@ -140,6 +145,7 @@ class AngleState:
         self._probes: list[torch.Tensor] = []
         self._illumination = torch.zeros((1, *self.field_shape), device=self.device)
         self._pass1_grad: torch.Tensor | None = None
+        self._flat: FlatStart | None = None
         self._pass1_loss = 0.0
         self.losses: list[float] = []
         self.finished = False
@@ -164,15 +170,19 @@ class AngleState:
             frames_t = torch.fft.ifftshift(frames_t, dim=(-2, -1))
         sqrt_i = torch.sqrt(frames_t)
         index = PatchIndex.from_positions(pos_t, self.frame_hw, self.field_shape).to(self.device)
-        probes = shifted_probes(self.probe, index.frac).contiguous()
+        if self.options.pass1 == "accumulate":
+            # Pass 1 always sees the flat start: the cheaper exact form (FlatStart) applies.
+            grad, loss, probes = self._flat_start_gradient(sqrt_i, index)
+        else:
+            probes = shifted_probes(self.probe, index.frac).contiguous()
         batch_illum = torch.zeros_like(self._illumination)
         scatter_patches(batch_illum, probe_illumination(probes)[None], index.flat(self.field_shape[1]))
         self._illumination += batch_illum
         self._sqrt_frames.append(sqrt_i)
         self._indices.append(index)
         self._probes.append(probes)
-        grad, loss = self._gradient([(sqrt_i, index, probes)])
         if self.options.pass1 == "minibatch":
+            grad, loss = self._gradient([(sqrt_i, index, probes)])
             self._apply(grad, batch_illum)
         elif self._pass1_grad is None:
             self._pass1_grad = grad
@@ -239,6 +249,28 @@ class AngleState:
                 total += loss
                 scatter_patches(grad, g, flat[sl])
         return grad, total
+
+    def _flat_start_gradient(
+        self, sqrt_i: torch.Tensor, index: PatchIndex
+    ) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Pass 1's ∂L/∂O* at O = 1 for one batch, its loss and the batch's shifted probes."""
+        if self._flat is None:
+            self._flat = FlatStart.build(self.probe, self.kernel, self.n_slices)
+        n_slices, (ny, nx) = self.n_slices, self.field_shape
+        grad = torch.zeros((n_slices, ny, nx), dtype=torch.complex64, device=self.device)
+        flat_index = index.flat(nx)
+        total, probes = 0.0, []
+        chunk = self.options.chunk_frames
+        for start in range(0, sqrt_i.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            ramps = shift_ramps(index.frac[sl], self.frame_hw, device=self.device)
+            loss, g, p = flat_start_loss_and_gradient(
+                self._flat, ramps, sqrt_i[sl], eps=self.options.amplitude_eps
+            )
+            total += loss
+            probes.append(p)
+            scatter_patches(grad, g, flat_index[sl])
+        return grad, total, torch.cat(probes) if len(probes) > 1 else probes[0]
 
     def _apply(self, grad: torch.Tensor, illum: torch.Tensor) -> None:
         """The preconditioned step O ← O − (α/L)·∂L/∂O* / (Λ + floor·max Λ)."""
