@@ -15,7 +15,7 @@ simulated and the engine's two iterations (one batch, i.e. the paper's scheme) a
 
 Fidelity is the mean PCC of the L slice phases against the simulator's true slab phases, inside
 the sample rows. Ratios, not absolute times, are what to compare: the machine is shared. The
-engine and the floors are timed interleaved (``benchmarks/timing.py``: E, F, F_own, E, … over 7
+engine and the floors are timed interleaved (``benchmarks/timing.py``: E, F, F_own, E, … over 15
 rounds), each ratio is of their medians with the per-round spread beside it, and a ratio above 1
 against the engine's own floor is flagged as ``measurement_fault``.
 """
@@ -218,7 +218,7 @@ CONFIGS = [(64, 3), (64, 12), (128, 3), (128, 12)]
 def run_all(*, quick: bool = False, ptychi_python: str | os.PathLike | None = None) -> dict:
     configs = [(32, 2)] if quick else CONFIGS
     repeats = 1 if quick else 3
-    rounds = 1 if quick else 7
+    rounds = 1 if quick else 15
     rows = []
     for frame_px, n_modes in configs:
         case = make_case(frame_px, n_modes)

@@ -4,7 +4,7 @@ The engine allocates and frees frame-batch-sized complex tensors (up to ~13 MB a
 for every chunk of every pass. With glibc's defaults the heap top is trimmed and large chunks are
 mmap-ed, so many of those come back as fresh pages from the kernel, and the page faults cost as
 much as the arithmetic: one angle at 128², M = 12 took 0.51 s with the defaults against 0.35 s
-with the thresholds raised (same run, docs/benchmarks.md). Dask's nanny makes it worse
+with the thresholds raised (docs/approximant.md). Dask's nanny makes it worse
 (``MALLOC_TRIM_THRESHOLD_=65536``: 2.6× slower in a worker). Raising the trim and mmap
 thresholds keeps freed memory in the process for reuse; the cost is that a process's RSS stays
 at its high-water mark instead of shrinking between angles.
