@@ -226,6 +226,14 @@ _WORKERS = Annotated[
     int | None, typer.Option(min=1, help="Per-angle work on a local Dask cluster of N worker "
                              "processes (default: the listener's one worker thread).")
 ]
+_STOP_CHANGE_TOL = Annotated[
+    float | None, typer.Option(min=1e-6, help="Closed loop: the stop rule's change tolerance "
+                               "(relative; default 0.03). docs/closed-loop.md tunes it.")
+]
+_STOP_PATIENCE = Annotated[
+    int | None, typer.Option(min=1, help="Closed loop: estimates in a row below the tolerance "
+                             "before the stop advice (default 2; 3 for small volumes).")
+]
 
 
 @app.command()
@@ -259,8 +267,13 @@ def demo(
         int | None, typer.Option(min=2, help="Plan this many angles (and N*) instead of the "
                                  "preset's.")
     ] = None,
+    stop_change_tol: _STOP_CHANGE_TOL = None,
+    stop_patience: _STOP_PATIENCE = None,
 ) -> None:
     """The live demo on loopback: Tiled, Prefect, 0MQ, a simulated beamline, APT, summary."""
+    if not adaptive and (stop_change_tol is not None or stop_patience is not None):
+        raise typer.BadParameter("--stop-change-tol and --stop-patience tune the closed loop's "
+                                 "stop rule: add --adaptive")
     held: dict = {}
 
     def show(summary: dict) -> None:
@@ -294,6 +307,8 @@ def demo(
                 progress_factory=progress_bar, ephemeral=ephemeral,
                 keep_serving=hold if keep_serving else None, workers=workers,
                 adaptive=adaptive, n_angles=angles,
+                stop_rule={k: v for k, v in (("stop_change_tol", stop_change_tol),
+                                             ("stop_patience", stop_patience)) if v is not None},
             )
         if not held:
             show(summary)
@@ -629,6 +644,8 @@ def listen(
     stop_act: Annotated[
         bool, typer.Option(help="Closed loop: on stop advice fire the final reconstruction at once.")
     ] = False,
+    stop_change_tol: _STOP_CHANGE_TOL = None,
+    stop_patience: _STOP_PATIENCE = None,
     suggest: Annotated[
         int, typer.Option(min=0, help="Closed loop: suggest K next angles with each estimate.")
     ] = 0,
@@ -655,6 +672,9 @@ def listen(
     flushed, the summary is printed, exit code 0. A second signal exits at once (130 after
     SIGINT, 143 after SIGTERM); a graceful stop longer than --stop-grace exits with code 1.
     """
+    if not (stop_advice or stop_act) and (stop_change_tol is not None or stop_patience is not None):
+        raise typer.BadParameter("--stop-change-tol and --stop-patience tune the stop rule: add "
+                                 "--stop-advice or --stop-act")
     import threading
     import time
 
@@ -707,6 +727,7 @@ def listen(
                     health_file=str(health_file) if health_file else None,
                     run_idle_timeout_s=run_idle_timeout, workers=workers, dask_address=dask,
                     convergence=convergence, stop_advice=stop_advice, stop_act=stop_act,
+                    stop_change_tol=stop_change_tol, stop_patience=stop_patience,
                     suggest=suggest, advice_address=advice_address,
                     queue_address=queue_address, queue_start=queue_start,
                 )

@@ -87,6 +87,7 @@ def live_demo(
     workers: int | None = None,
     adaptive: bool = False,
     n_angles: int | None = None,
+    stop_rule: dict | None = None,
 ) -> dict:
     """Run the live demo end to end; returns the summary printed by the CLI.
 
@@ -97,7 +98,8 @@ def live_demo(
     ``closed_loop`` compares the angles it needed and its APT PCC with the fixed-N* scan (the
     same scan's N* angles, reconstructed offline with the same network). ``n_angles``: plan this
     many angles (and N*) instead of the preset's (e.g. 29 on the tiny preset, whose 7 angles
-    are fewer than the stop rule's minimum).
+    are fewer than the stop rule's minimum). ``stop_rule``: ``stop_change_tol`` /
+    ``stop_patience`` for the adaptive run's stop rule (:class:`ListenConfig` fields).
 
     ``workers``: the per-angle work on a local Dask cluster of that many worker processes
     (None: the listener's own worker thread).
@@ -165,14 +167,15 @@ def live_demo(
             p=p, rate_hz=rate_hz, checkpoint=checkpoint, baselines=baselines, say=say,
             progress_factory=progress_factory, live_every=live_every, keep_serving=keep_serving,
             t_start=t_start, device=device, work_root=work, work=run_dir, box=box,
-            prefect_ui=prefect_ui, workers=workers, adaptive=adaptive)
+            prefect_ui=prefect_ui, workers=workers, adaptive=adaptive, stop_rule=stop_rule)
     finally:
         outer.close()
 
 
 def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_every, keep_serving,
           t_start, device, work_root: Path, work: Path, box: dict, prefect_ui: str | None,
-          workers: int | None = None, adaptive: bool = False) -> dict:
+          workers: int | None = None, adaptive: bool = False,
+          stop_rule: dict | None = None) -> dict:
     """The demo once the scan is simulated and Prefect is up: steps 2-5 (``work``: this run's
     folder, ``work_root``: the demo folder with the Tiled store)."""
     from apt_stream.figures import preview_png
@@ -217,7 +220,7 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             theta_star_deg=p.scan.angle_range_deg, backup_dir=str(work / "backup"),
             live_every=live_every, device=device, workers=workers,
             **({"convergence": True, "stop_advice": True, "stop_act": True, "suggest": 3,
-                "advice_address": "tcp://127.0.0.1:0"} if adaptive else {}),
+                "advice_address": "tcp://127.0.0.1:0", **(stop_rule or {})} if adaptive else {}),
         )
         advice_at: list[str] = []
         resources = LiveResources(

@@ -93,6 +93,12 @@ class ListenConfig(BaseModel):
         False, description="closed loop: stop advice (StopPolicy defaults); implies convergence")
     stop_act: bool = Field(
         False, description="closed loop: on stop advice fire the final reconstruction at once")
+    stop_change_tol: float | None = Field(
+        None, gt=0, description="closed loop: the stop rule's change tolerance (relative; "
+        "None: StopPolicy's default, 0.03); docs/closed-loop.md has a tuning table")
+    stop_patience: int | None = Field(
+        None, ge=1, description="closed loop: estimates in a row below the tolerance before "
+        "the stop advice (None: StopPolicy's default, 2; 3 for small volumes like `tiny`)")
     suggest: int = Field(
         0, ge=0, description="closed loop: suggest this many next angles with each estimate")
     advice_address: str | None = Field(
@@ -184,7 +190,9 @@ def _closed_loop(config: ListenConfig, stack: contextlib.ExitStack) -> tuple[dic
     suggest = max(config.suggest, 1) if config.queue_address else config.suggest
     keywords: dict[str, Any] = {"convergence": ConvergenceOptions(), "suggest": suggest}
     if config.stop_advice or config.stop_act:
-        keywords["stop_policy"] = StopPolicy(act=config.stop_act)
+        tuned = {k: v for k, v in (("change_tol", config.stop_change_tol),
+                                   ("patience", config.stop_patience)) if v is not None}
+        keywords["stop_policy"] = StopPolicy(act=config.stop_act, **tuned)
     server = None
     routes: list[Callable[[str, dict], Any]] = []
     if config.advice_address is not None:

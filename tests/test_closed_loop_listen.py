@@ -97,3 +97,28 @@ def test_listen_closed_loop_stops_early_and_publishes_convergence(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{key}-plot"])),
             sort=ArtifactSort.CREATED_DESC, limit=1)
     assert plot.type == "image" and plot.data.startswith("data:image/png;base64,")
+
+
+def test_the_stop_rule_is_tunable_from_the_config_and_the_command_line(tmp_path):
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from apt_stream.cli import app
+    from apt_stream.flows.listen import ListenConfig, _closed_loop
+    from apt_stream.stream.trigger import StopPolicy
+
+    base = {"proxy_address": "tcp://127.0.0.1:1", "data_roots": [str(tmp_path)]}
+    with contextlib.ExitStack() as stack:
+        keywords, _ = _closed_loop(ListenConfig(**base, stop_advice=True, stop_patience=3,
+                                                stop_change_tol=0.015), stack)
+        policy = keywords["stop_policy"]
+        assert (policy.patience, policy.change_tol, policy.act) == (3, 0.015, False)
+        defaults, _ = _closed_loop(ListenConfig(**base, stop_act=True), stack)
+        assert defaults["stop_policy"] == StopPolicy(act=True)
+    runner = CliRunner()
+    lone = runner.invoke(app, ["listen", "--zmq", "tcp://127.0.0.1:1", "--data-root",
+                               str(tmp_path), "--stop-patience", "3"])
+    assert lone.exit_code == 2 and "--stop-advice" in lone.output
+    demo = runner.invoke(app, ["demo", "--stop-patience", "3", "--workdir", str(tmp_path)])
+    assert demo.exit_code == 2 and "--adaptive" in demo.output
