@@ -138,7 +138,6 @@ class AngleState:
         self.slices = torch.ones(
             (self.n_slices, *self.field_shape), dtype=torch.complex64, device=self.device
         )
-        self.kernel_conj = self.kernel.conj().resolve_conj()
         self._sqrt_frames: list[torch.Tensor] = []
         self._indices: list[PatchIndex] = []
         # Sub-pixel-shifted probes per batch, computed once and reused by pass 2.
@@ -243,7 +242,7 @@ class AngleState:
                 sl = slice(start, start + chunk)
                 patches = extract_patches(self.slices, flat[sl], self.frame_hw)
                 loss, g = loss_and_gradient(
-                    patches, probes[sl], sqrt_i[sl], self.kernel, kernel_conj=self.kernel_conj,
+                    patches, probes[sl], sqrt_i[sl], self.kernel,
                     eps=self.options.amplitude_eps,
                 )
                 total += loss

@@ -179,11 +179,6 @@ def _intensity(field: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(field, field, dim=1).real
 
 
-def _mode_sum_of_products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out = Σ_m a_m b_m`` over dim 1 of two (B, M, h, w) tensors (no conjugation)."""
-    return torch.sum(a * b, dim=1, out=out)
-
-
 def amplitude_residual(far: torch.Tensor, sqrt_intensity: torch.Tensor, *, eps: float = 1e-12):
     """Loss ``Σ (A − √I)²`` with ``A = sqrt(Σ_m |Ψ_m|²)``; overwrites ``far`` with ∂L/∂Ψ*.
 
@@ -204,7 +199,6 @@ def loss_and_gradient(
     sqrt_intensity: torch.Tensor,
     kernel: torch.Tensor,
     *,
-    kernel_conj: torch.Tensor | None = None,
     eps: float = 1e-12,
 ):
     """Amplitude loss and its gradient ∂L/∂O* per object patch (L,B,h,w) — paper Eqs. 4–8.
@@ -212,9 +206,7 @@ def loss_and_gradient(
     The adjoint runs on the *conjugate* adjoint wave ``η = χ̄``: ``χ ← F⁻¹[F[χ Ō] K̄]`` becomes
     ``η ← F[F⁻¹[η O] K]`` and ``Σ_m ψ̄ χ = conj(Σ_m ψ η)``, so no complex conjugate of a
     (B, M, h, w) array is formed per slab (CPU torch materialises those: a 2× slower multiply).
-    ``kernel_conj`` is accepted for callers of the earlier form and not needed.
     """
-    del kernel_conj
     far, incident = forward_far_field(obj_patches, probes, kernel, keep_waves=True)
     loss, d_far = amplitude_residual(far, sqrt_intensity, eps=eps)
     n_slices = obj_patches.shape[0]
@@ -222,7 +214,7 @@ def loss_and_gradient(
     # η at the exit: conj(F⁻¹_ortho[d]) = F_ortho[d̄]
     eta = torch.fft.fft2(d_far.conj(), norm="ortho")
     for slab in range(n_slices - 1, -1, -1):
-        _mode_sum_of_products(incident[slab], eta, out=grad[slab])
+        torch.sum(incident[slab] * eta, dim=1, out=grad[slab])
         if slab > 0:
             eta.mul_(obj_patches[slab].unsqueeze(1))
             eta = torch.fft.ifft2(eta)
@@ -290,7 +282,7 @@ def flat_start_loss_and_gradient(
     for slab in range(n_slices):
         psi = torch.fft.ifft2(flat.incident_hat[slab] * ramps)
         eta = torch.fft.fft2(flat.adjoint_hat_conj[slab] * weighted_conj)
-        _mode_sum_of_products(psi, eta, out=grad[slab])
+        torch.sum(psi * eta, dim=1, out=grad[slab])
         if slab == 0:
             probes = psi
     return loss, grad.conj_physical_(), probes
