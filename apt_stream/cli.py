@@ -450,6 +450,12 @@ def train(
     scan: Annotated[
         list[Path] | None, typer.Option(help="Few-angle scan(s) of the gold region (repeat).")
     ] = None,
+    marginal_weight: Annotated[float, typer.Option(
+        help="Weight of the value-distribution term added to NPCC (docs/network.md, Loss; the "
+             "shipped model was continued with 0.5 from NPCC-trained weights). 0: the paper's NPCC alone.")] = 0.0,
+    init: Annotated[Path | None, typer.Option(
+        help="Start from this checkpoint's weights (same preset), fresh optimiser and schedule.")] = None,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (the paper: 2e-4).")] = 2e-4,
 ) -> None:
     """Train the APT network on the wide design space with random angle sets (resumable).
 
@@ -479,6 +485,7 @@ def train(
         _, result = train_general_model(
             files, out_dir=out_dir, preset=preset, epochs=epochs,
             samples_per_epoch=samples_per_epoch, resume=resume, seed=seed, jobs=jobs,
+            marginal_weight=marginal_weight, init=init, lr=lr,
         )
         _print_json({
             "best": str(result.best_path), "best_epoch": result.best_epoch,

@@ -124,8 +124,16 @@ def train_general_model(
     inputs: tuple[str, ...] = DEFAULT_INPUTS,
     sets_per_bank: int = 8,
     jobs: int = 2,
+    marginal_weight: float = 0.0,
+    init: str | Path | None = None,
+    lr: float | None = None,
 ):
     """Train the network on random angle sets from the banks (NPCC, Adam, poly LR, batch 4).
+
+    ``marginal_weight`` adds the value-distribution term to NPCC (apt_stream.model.losses);
+    ``init`` starts from a checkpoint's weights (same preset and inputs) with a fresh optimiser
+    and schedule, e.g. to continue the shipped model with another loss; ``lr`` overrides the
+    paper's 2e-4.
 
     ``inputs`` are the channels the network reads (apt_stream.model.inputs); with a SART channel
     each bank's ``sets_per_bank`` SART volumes are computed first by ``jobs`` processes and cached
@@ -136,6 +144,8 @@ def train_general_model(
     from apt_stream.random_angles import RandomAngleDataset
 
     model = create_model(preset, in_channels=len(inputs))
+    if init is not None:
+        _load_weights(model, init, inputs)
     patch = int(model.config.input_zyx[1])
     cache = Path(bank_paths[0]).parent / "input-sets" if bank_paths else None
     say = _sets_progress(progress)
@@ -147,7 +157,23 @@ def train_general_model(
                                 fixed_seed=12_345, progress=say("validation"), **common)
     return model, train(
         model, train_ds, val_ds, epochs=epochs, out_dir=out_dir, resume=resume or None, seed=seed,
-        progress=progress, lr_decay_epochs=max(epochs, 1) * 5 // 4,
+        progress=progress, lr_decay_epochs=max(epochs, 1) * 5 // 4, marginal_weight=marginal_weight,
+        **({"lr": lr} if lr is not None else {}),
         provenance={"recipe": "apt_stream.training_run", "design_space": "apt_stream.sim.design",
-                    "acquisition": "apt_stream.sim.acquisition", "bank_files": [str(p) for p in bank_paths]},
+                    "acquisition": "apt_stream.sim.acquisition", "bank_files": [str(p) for p in bank_paths],
+                    **({"init": str(init)} if init is not None else {})},
     )
+
+
+def _load_weights(model, checkpoint: str | Path, inputs: tuple[str, ...]) -> None:
+    """Copy a checkpoint's weights into ``model``; a clear error when it is another network."""
+    from apt_stream.errors import ModelError
+    from apt_stream.model.checkpoint import load_checkpoint
+
+    loaded, _ = load_checkpoint(checkpoint)
+    if loaded.config != model.config:
+        raise ModelError(f"--init {checkpoint}: its network config differs from the preset's")
+    read = tuple(loaded.io_config.get("inputs", ("approximant",)))
+    if read != tuple(inputs):
+        raise ModelError(f"--init {checkpoint}: it reads {list(read)}, this training feeds {list(inputs)}")
+    model.load_state_dict(loaded.state_dict())

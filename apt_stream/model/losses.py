@@ -1,4 +1,12 @@
-"""Training loss: negative Pearson correlation coefficient (NPCC), as in the paper."""
+"""Training losses: negative Pearson correlation (NPCC, the paper's) and a value-distribution term.
+
+NPCC is invariant to any positive affine map of the output, and it is also nearly blind to the
+*shape* of the output's value distribution: a network trained on it alone ranks voxels well but
+returns a smooth, one-humped histogram where a chip has two (metal and the rest). The paper's DSC
+and BER binarise each volume by a two-Gaussian EM fit of its own histogram, so such an output is
+thresholded in the wrong place even when a good threshold exists (docs/network.md, *Loss*).
+:func:`marginal_w1` measures that shape, in the same affine-free terms as NPCC.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +49,52 @@ def npcc_loss(pred: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-12) -
     free; :func:`apt_stream.model.train.train` fits the map back to the truth's units.
     """
     return -pearson_per_sample(pred, target, eps=eps).mean()
+
+
+def marginal_w1(pred: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
+    """1-D Wasserstein-1 distance between the value distributions of each sample, after z-scoring.
+
+    Each sample's values are standardised (so, like NPCC, any positive affine map of either
+    argument changes nothing), sorted, and compared rank by rank: the mean absolute difference of
+    the sorted values is the W1 distance of the two empirical distributions. It is 0 when the
+    output's histogram has the truth's shape, whatever the voxels' positions; it does not look
+    at positions at all, which is NPCC's job.
+
+    Parameters
+    ----------
+    pred, target : Tensor (B, ...)
+        Same shape; the first axis is the batch.
+
+    Returns
+    -------
+    Tensor (B,)
+    """
+    if pred.shape != target.shape:
+        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if pred.ndim < 2:
+        raise InputError(f"need a batch axis and at least one data axis, got shape {tuple(pred.shape)}")
+
+    def z_sorted(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1).float()
+        x = (x - x.mean(dim=1, keepdim=True)) / torch.sqrt(x.var(dim=1, unbiased=False, keepdim=True) + eps)
+        return torch.sort(x, dim=1).values
+
+    return (z_sorted(pred) - z_sorted(target)).abs().mean(dim=1)
+
+
+def apt_loss(
+    pred: torch.Tensor, target: torch.Tensor, *, marginal_weight: float = 0.0, eps: float = 1e-12
+) -> torch.Tensor:
+    """NPCC plus ``marginal_weight`` × :func:`marginal_w1`, averaged over the batch.
+
+    With ``marginal_weight = 0`` this is exactly :func:`npcc_loss` (the paper's loss).
+    """
+    if marginal_weight < 0:
+        raise InputError(f"marginal_weight must be >= 0, got {marginal_weight}")
+    loss = -pearson_per_sample(pred, target, eps=eps)
+    if marginal_weight:
+        loss = loss + marginal_weight * marginal_w1(pred, target, eps=eps)
+    return loss.mean()
 
 
 class NPCCLoss(torch.nn.Module):

@@ -37,7 +37,7 @@ from apt_stream.model.checkpoint import (
     save_checkpoint,
     save_optimizer_state,
 )
-from apt_stream.model.losses import npcc_loss, pearson_per_sample
+from apt_stream.model.losses import apt_loss, marginal_w1, pearson_per_sample
 from apt_stream.model.network import APTNet
 
 Pair = tuple[np.ndarray, np.ndarray]
@@ -342,21 +342,24 @@ class _Progress:
 
 @torch.no_grad()
 def evaluate(
-    model: APTNet, dataset: PairDataset, *, batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu"
+    model: APTNet, dataset: PairDataset, *, batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu",
+    marginal_weight: float = 0.0,
 ) -> dict[str, Any]:
-    """Mean NPCC loss and PCC over a dataset, plus the least-squares map truth ≈ a·output + b."""
+    """Mean loss (the training loss), PCC and value-distribution distance over a dataset, plus the
+    least-squares map truth ≈ a·output + b."""
     was_training = model.training
     model.eval()
     n = 0
-    loss_sum = 0.0
+    pcc_sum = 0.0
+    w1_sum = 0.0
     # Sums for the affine fit, in float64: voxel counts reach 1e8 for paper-size sets.
     s = np.zeros(5)
     try:
         for x, y in dataset.batches(batch_size):
             x, y = x.to(device), y.to(device)
             out = model(x)
-            pcc = pearson_per_sample(out, y)
-            loss_sum += float(-pcc.sum())
+            pcc_sum += float(pearson_per_sample(out, y).sum())
+            w1_sum += float(marginal_w1(out, y).sum())
             n += x.shape[0]
             p, t = out.double().flatten(), y.double().flatten()
             s += np.array(
@@ -370,7 +373,8 @@ def evaluate(
     var = spp - sp * sp / count
     a = (spt - sp * st / count) / var if var > 0 else 0.0
     b = (st - a * sp) / count
-    return {"loss": loss_sum / n, "pcc": -loss_sum / n, "output_affine": [float(a), float(b)], "samples": n}
+    return {"loss": (-pcc_sum + marginal_weight * w1_sum) / n, "pcc": pcc_sum / n, "marginal_w1": w1_sum / n,
+            "output_affine": [float(a), float(b)], "samples": n}
 
 
 def train(
@@ -394,6 +398,7 @@ def train(
     device: str | torch.device = "cpu",
     max_batches_per_epoch: int | None = None,
     provenance: Mapping[str, Any] | None = None,
+    marginal_weight: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` on paired volumes; checkpoint every epoch, keep the best on validation.
 
@@ -430,6 +435,9 @@ def train(
         Cap batches per epoch (smoke runs).
     provenance : mapping, optional
         Extra provenance for the checkpoints (e.g. data seeds, simulator preset).
+    marginal_weight : float
+        Weight of the value-distribution term (:func:`apt_stream.model.losses.marginal_w1`) added
+        to NPCC; 0 is the paper's loss. Validation and the best checkpoint use the same loss.
 
     Returns
     -------
@@ -441,6 +449,8 @@ def train(
         raise ModelError(f"train() needs an APTNet, got {type(model).__name__}")
     if epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
+    if not (marginal_weight >= 0 and np.isfinite(marginal_weight)):
+        raise ConfigError(f"marginal_weight must be a finite number >= 0, got {marginal_weight}")
     if batch_size < 1 or lr <= 0 or lr_decay_epochs < 1:
         raise ConfigError(
             f"need batch_size >= 1, lr > 0, lr_decay_epochs >= 1 (got {batch_size}, {lr}, {lr_decay_epochs})"
@@ -475,7 +485,8 @@ def train(
         "weight_decay": 0.0, "lr_schedule": {"rule": "poly", "T": lr_decay_epochs, "power": lr_power},
         "patch_xy": [int(v) for v in np.broadcast_to(train_ds.patch, 2)], "overlap": overlap, "augment": augment,
         "augmentations": getattr(train_ds, "augmentations", ["flip_x", "flip_y"]) if augment else [],
-        "seed": seed, "loss": "npcc", "input_norm": input_norm,
+        "seed": seed, "loss": "npcc+marginal_w1" if marginal_weight else "npcc",
+        "marginal_weight": float(marginal_weight), "input_norm": input_norm,
     }
     base_prov = {
         **{f"train_{k}": v for k, v in tr_prov.items()},
@@ -497,7 +508,7 @@ def train(
                 model, optimizer, train_ds, val_ds, epoch=epoch, epochs=epochs, bar=bar,
                 lr=poly_lr(epoch, lr0=lr, total_epochs=lr_decay_epochs, power=lr_power),
                 batch_size=batch_size, augment=augment, seed=seed, device=dev,
-                max_batches=max_batches_per_epoch,
+                max_batches=max_batches_per_epoch, marginal_weight=marginal_weight,
             )
             result.history.append(info)
             score = info["val_loss"] if info["val_loss"] is not None else info["train_loss"]
@@ -523,7 +534,7 @@ def train(
 
 
 def _metrics(info: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: info[k] for k in ("train_loss", "val_loss", "val_pcc") if k in info}
+    return {k: info[k] for k in ("train_loss", "val_loss", "val_pcc", "val_marginal_w1") if k in info}
 
 
 def _resume(
@@ -558,6 +569,7 @@ def _run_epoch(
     seed: int,
     device: torch.device,
     max_batches: int | None,
+    marginal_weight: float = 0.0,
 ) -> dict[str, Any]:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -574,7 +586,7 @@ def _run_epoch(
             break
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = npcc_loss(model(x), y)
+        loss = apt_loss(model(x), y, marginal_weight=marginal_weight)
         if not torch.isfinite(loss):
             raise ModelError(f"training loss became {float(loss)} at epoch {epoch + 1}, batch {i + 1}")
         loss.backward()
@@ -588,7 +600,8 @@ def _run_epoch(
         "val_loss": None, "val_pcc": None, "output_affine": None,
     }
     if val_ds is not None and len(val_ds):
-        ev = evaluate(model, val_ds, batch_size=batch_size, device=device)
-        info.update(val_loss=ev["loss"], val_pcc=ev["pcc"], output_affine=ev["output_affine"])
+        ev = evaluate(model, val_ds, batch_size=batch_size, device=device, marginal_weight=marginal_weight)
+        info.update(val_loss=ev["loss"], val_pcc=ev["pcc"], val_marginal_w1=ev["marginal_w1"],
+                    output_affine=ev["output_affine"])
     info["seconds"] = time.perf_counter() - t0
     return info
