@@ -114,7 +114,6 @@ def test_apt_loss_is_npcc_at_weight_zero_and_adds_the_weighted_distance():
 def test_training_with_the_distribution_term_sharpens_the_output_histogram(tmp_path):
     """The term does what it is for: trained with it, the output's histogram is closer to the
     truth's two classes than trained on NPCC alone, from the same start and batches."""
-    from apt_stream.model.losses import marginal_w1
 
     pairs = synthetic_pairs(3, seed=4)
     runs = {}
