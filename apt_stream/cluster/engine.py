@@ -4,7 +4,11 @@
 :class:`~apt_stream.stream.live.LiveReconstructor` drives) whose angles live on Dask workers.
 An angle is given to the worker with the fewest unfinished angles when its first batch
 arrives; its batches go straight to that worker (``scatter(direct=True)``: frames never pass
-through the scheduler) and pass 1 runs there as they come. When the angle is complete,
+through the scheduler) and pass 1 runs there as they come. Small batches are first gathered on
+the client into sends of at least ``send_frames`` frames (or whatever has waited ``hold_s``):
+every send costs a scatter and a task on the client and the scheduler whatever its size, and
+on the demo scan those fixed costs, not the workers, were what kept 2 workers from doing twice
+one's work (docs/benchmarks.md, *Dask*). When the angle is complete,
 ``start_finish`` queues pass 2, the rotation back and the addition to the worker's share of the
 running average on that worker and returns at once, so the next angle's frames flow to another
 worker meanwhile. ``volume()`` merges the shares (sums and counts, added, then divided once:
@@ -36,6 +40,11 @@ log = logging.getLogger(__name__)
 
 #: How often the watcher asks the scheduler which workers are alive.
 LIVENESS_EVERY_S = 0.5
+#: Frames gathered on the client before they go to a worker as one pass-1 task.
+SEND_FRAMES = 128
+#: The longest frames wait on the client for more of their angle (a slow stream still starts
+#: pass 1 while the angle is being scanned).
+HOLD_S = 0.25
 
 
 @dataclass
@@ -43,7 +52,10 @@ class _Angle:
     angle_id: int
     angle_deg: float
     worker: str
-    batches: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    batches: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # sent, kept
+    held: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # not sent yet
+    held_frames: int = 0
+    held_since: float = 0.0
     sent: list = field(default_factory=list)  # the angle's pass-1 tasks (Dask futures)
     finish: Any = None          # the finish task, once asked for
     done: concurrent.futures.Future | None = None
@@ -77,11 +89,18 @@ class DaskApproximant:
         torch device of the workers' engines (``cuda``: each worker uses its process's GPU).
     max_replays
         How often one angle may be replayed after losing its worker before it counts as failed.
+    send_frames, hold_s
+        Batches are sent once ``send_frames`` frames of an angle are in, once the oldest has
+        waited ``hold_s`` seconds, or when the angle finishes (1 and 0: every batch at once).
     """
 
     def __init__(self, geometry: ScanGeometry, client: Any, *, run_uid: str,
                  options: EngineOptions | None = None, projection_iterations: int | None = None,
-                 threads_per_task: int = 1, device: str = "cpu", max_replays: int = 3) -> None:
+                 threads_per_task: int = 1, device: str = "cpu", max_replays: int = 3,
+                 send_frames: int = SEND_FRAMES, hold_s: float = HOLD_S) -> None:
+        if int(send_frames) < 1 or not hold_s >= 0:
+            raise InputError(f"send_frames must be >= 1 and hold_s >= 0, got {send_frames} and {hold_s}")
+        self.send_frames, self.hold_s = int(send_frames), float(hold_s)
         self.geometry = geometry
         self.client = client
         self.run_uid = str(run_uid)
@@ -123,8 +142,12 @@ class DaskApproximant:
                 self._angles[angle_id] = angle
             if angle.finish is not None:
                 raise InputError(f"angle {angle_id} is already being finished")
-            angle.batches.append((frames, positions))
-            self._send_batch(angle, frames, positions)
+            if not angle.held:
+                angle.held_since = time.monotonic()
+            angle.held.append((frames, positions))
+            angle.held_frames += len(frames)
+            if angle.held_frames >= self.send_frames or self.hold_s == 0:
+                self._flush(angle)
 
     def start_finish(self, angle_id: int) -> concurrent.futures.Future:
         """Queue the angle's pass 2 on its worker; the future gives its :class:`AngleSummary`."""
@@ -138,7 +161,9 @@ class DaskApproximant:
                 raise InputError(f"angle {angle_id} received no frames")
             if angle.done is None:
                 angle.done = concurrent.futures.Future()
-                self._send_finish(angle)
+                self._flush(angle)
+                if angle.finish is None and not angle.done.done():  # not replayed by the flush
+                    self._send_finish(angle)
             return angle.done
 
     def finish_angle(self, angle_id: int) -> AngleSummary:
@@ -220,13 +245,45 @@ class DaskApproximant:
             self._setups[worker] = future
         return future
 
-    def _send_batch(self, angle: _Angle, frames: np.ndarray, positions: np.ndarray) -> None:
+    def _flush(self, angle: _Angle) -> None:
+        """Send the angle's held frames as one batch (kept for a replay like every sent one)."""
+        if not angle.held:
+            return
+        held, angle.held, angle.held_frames = angle.held, [], 0
+        if len(held) == 1:
+            frames, positions = held[0]
+        else:
+            frames = np.concatenate([f for f, _ in held])
+            positions = np.concatenate([p for _, p in held])
+        angle.batches.append((frames, positions))
+        try:
+            sent = self._send_batch(angle, frames, positions)
+        except Exception:
+            # Not a lost worker: keep the frames held (the next send retries them) and say so.
+            angle.batches.pop()
+            angle.held, angle.held_frames = held + angle.held, angle.held_frames + len(frames)
+            raise
+        if not sent:
+            self._replay(angle, avoid=angle.worker)  # every kept batch, this one too
+
+    def _send_batch(self, angle: _Angle, frames: np.ndarray, positions: np.ndarray) -> bool:
+        """Scatter one batch to the angle's worker and queue its pass 1; False if that worker
+        died before the watcher noticed (the caller replays the angle elsewhere)."""
         w = angle.worker
-        batch = self.client.scatter((frames, positions), workers=[w], direct=True, hash=False)
+        try:
+            batch = self.client.scatter((frames, positions), workers=[w], direct=True, hash=False)
+        except Exception as exc:
+            self._alive = self._ask_alive() or self._alive
+            if w in self._alive:
+                raise
+            log.warning("run %s: angle %d: worker %s is gone (%s); sending it elsewhere",
+                        self.run_uid, angle.angle_id, w, type(exc).__name__)
+            return False
         angle.sent.append(self.client.submit(
             on_worker.add_frames, self._setup_on(w), angle.angle_id, angle.angle_deg,
             angle.replays, len(angle.sent), batch, workers=[w], allow_other_workers=False,
             pure=False))
+        return True
 
     def _send_finish(self, angle: _Angle) -> None:
         w = angle.worker
@@ -235,8 +292,8 @@ class DaskApproximant:
             on_worker.finish_angle, angle.sent, self._setup_on(w), angle.angle_id,
             workers=[w], allow_other_workers=False, pure=False)
 
-    def _least_loaded(self) -> str:
-        alive = self._alive or self._ask_alive()
+    def _least_loaded(self, avoid: str | None = None) -> str:
+        alive = (self._alive or self._ask_alive()) - {avoid}
         if not alive:
             raise ServiceError("the Dask cluster has no live workers")
         load = {w: 0 for w in alive}
@@ -272,9 +329,21 @@ class DaskApproximant:
             for angle in waiting:
                 if angle.finish is not None and angle.finish.done():
                     self._resolve(angle, angle.finish)
+            self._flush_overdue()
             if time.monotonic() - last_check >= LIVENESS_EVERY_S:
                 last_check = time.monotonic()
                 self._check_workers()
+
+    def _flush_overdue(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for angle in list(self._angles.values()):
+                if angle.held and now - angle.held_since >= self.hold_s:
+                    try:
+                        self._flush(angle)
+                    except Exception as exc:  # still held: the next send or the finish retries
+                        log.warning("run %s: angle %d: sending held frames failed: %s",
+                                    self.run_uid, angle.angle_id, exc)
 
     def _resolve(self, angle: _Angle, future: Any) -> None:
         with self._lock:
@@ -308,8 +377,9 @@ class DaskApproximant:
         angle.sent, angle.finish = [], None
         angle.done.set_result(summary)
 
-    def _replay(self, angle: _Angle) -> None:
-        """Run an unfinished angle again, from its kept batches, on a live worker."""
+    def _replay(self, angle: _Angle, avoid: str | None = None) -> None:
+        """Run an unfinished angle again, from its kept batches, on a live worker (not
+        ``avoid``, one a send just failed to reach, even if the scheduler still lists it)."""
         if angle.replays >= self.max_replays:
             self._angles.pop(angle.angle_id, None)
             if angle.done is not None and not angle.done.done():
@@ -319,10 +389,12 @@ class DaskApproximant:
         angle.replays += 1
         self.replayed_angles += 1
         self._alive = self._ask_alive() or self._alive
-        angle.worker = self._least_loaded()
+        angle.worker = self._least_loaded(avoid)
         angle.sent, angle.finish = [], None
         for frames, positions in angle.batches:
-            self._send_batch(angle, frames, positions)
+            if not self._send_batch(angle, frames, positions):
+                self._replay(angle, avoid=angle.worker)  # died too: the next, within max_replays
+                return
         if angle.done is not None:
             self._send_finish(angle)
 
