@@ -15,6 +15,13 @@ import torch
 from apt_stream.errors import InputError
 
 
+def _check_batch_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.shape != target.shape:
+        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if pred.ndim < 2:
+        raise InputError(f"need a batch axis and at least one data axis, got shape {tuple(pred.shape)}")
+
+
 def pearson_per_sample(pred: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
     """Pearson correlation of each sample of a batch, over all its other axes.
 
@@ -29,10 +36,7 @@ def pearson_per_sample(pred: torch.Tensor, target: torch.Tensor, *, eps: float =
     -------
     Tensor (B,)
     """
-    if pred.shape != target.shape:
-        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    if pred.ndim < 2:
-        raise InputError(f"need a batch axis and at least one data axis, got shape {tuple(pred.shape)}")
+    _check_batch_pair(pred, target)
     p = pred.reshape(pred.shape[0], -1).float()
     t = target.reshape(target.shape[0], -1).float()
     p = p - p.mean(dim=1, keepdim=True)
@@ -69,10 +73,7 @@ def marginal_w1(pred: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-12)
     -------
     Tensor (B,)
     """
-    if pred.shape != target.shape:
-        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    if pred.ndim < 2:
-        raise InputError(f"need a batch axis and at least one data axis, got shape {tuple(pred.shape)}")
+    _check_batch_pair(pred, target)
 
     def z_sorted(x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], -1).float()
