@@ -36,6 +36,28 @@ def test_banks_resume_and_train_from_them(tmp_path):
     assert meta["config"]["augmentations"] == ["flip_x", "flip_y", "flip_z"]
     assert meta["provenance"]["train_bank_seeds"] and meta["provenance"]["val_bank_seeds"]
 
+    # Continue the shipped model with the value-distribution term: its weights are the start.
+    from apt_stream.errors import ModelError
+    from apt_stream.reconstruct import DEFAULT_CHECKPOINT
+
+    shipped, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    _, cont = train_general_model(bank_files(tmp_path), out_dir=tmp_path / "cont", epochs=1,
+                                  samples_per_epoch=8, val_samples=4, progress=False,
+                                  init=DEFAULT_CHECKPOINT, marginal_weight=0.5, lr=1e-4)
+    meta = read_metadata(cont.last_path)
+    assert meta["config"]["loss"] == "npcc+marginal_w1" and meta["config"]["lr0"] == 1e-4
+    assert meta["provenance"]["init"] == str(DEFAULT_CHECKPOINT)
+    assert "val_marginal_w1" in cont.history[0]
+    # One small step from the shipped weights, not a fresh network: the weights barely moved.
+    tuned, _ = load_checkpoint(cont.last_path)
+    w0, w1 = shipped.state_dict(), tuned.state_dict()
+    moved = max(float((w1[k].float() - w0[k].float()).abs().max()) for k in w0 if w0[k].is_floating_point())
+    fresh = max(float(v.float().abs().max()) for v in w0.values() if v.is_floating_point())
+    assert moved < 0.1 * fresh
+    with pytest.raises(ModelError, match="network config differs"):
+        train_general_model(bank_files(tmp_path), out_dir=tmp_path / "bad", preset="cpu", epochs=1,
+                            samples_per_epoch=8, val_samples=4, progress=False, init=DEFAULT_CHECKPOINT)
+
 
 @pytest.fixture(scope="module")
 def small_chip(tmp_path_factory):
