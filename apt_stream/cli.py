@@ -451,8 +451,12 @@ def train(
         list[Path] | None, typer.Option(help="Few-angle scan(s) of the gold region (repeat).")
     ] = None,
     marginal_weight: Annotated[float, typer.Option(
-        help="Weight of the value-distribution term added to NPCC (docs/network.md, Loss; the "
-             "shipped model was continued with 0.5 from NPCC-trained weights). 0: the paper's NPCC alone.")] = 0.0,
+        help="Weight of the value-distribution term added to NPCC (docs/network.md, Loss: "
+             "measured and not shipped). 0: the paper's NPCC alone.")] = 0.0,
+    metal_weight: Annotated[float, typer.Option(
+        help="Weight of the threshold term added to NPCC: each voxel's side of the output's own "
+             "EM/Bayes threshold scored against the true metal labels (docs/network.md, Loss). "
+             "0: off.")] = 0.0,
     init: Annotated[Path | None, typer.Option(
         help="Start from this checkpoint's weights (same preset), fresh optimiser and schedule.")] = None,
     lr: Annotated[float, typer.Option(help="Initial learning rate (the paper: 2e-4).")] = 2e-4,
@@ -485,7 +489,7 @@ def train(
         _, result = train_general_model(
             files, out_dir=out_dir, preset=preset, epochs=epochs,
             samples_per_epoch=samples_per_epoch, resume=resume, seed=seed, jobs=jobs,
-            marginal_weight=marginal_weight, init=init, lr=lr,
+            marginal_weight=marginal_weight, metal_weight=metal_weight, init=init, lr=lr,
         )
         _print_json({
             "best": str(result.best_path), "best_epoch": result.best_epoch,

@@ -28,6 +28,7 @@ __all__ = [
     "MS_SSIM_WEIGHTS",
     "BinarizationPrior",
     "bayes_threshold",
+    "fixed_prior_threshold",
     "ber",
     "dsc",
     "em_threshold",
@@ -453,9 +454,30 @@ def bayes_threshold(
     """
     if not isinstance(prior, BinarizationPrior):
         raise InputError(f"prior must be a BinarizationPrior, got {type(prior).__name__}")
-    z, mean, std = _fit_sample(test_values, "test_values", max_samples, seed)
-    mu, var = _em_fixed_priors(z, prior.priors, max_iter=max_iter, tol=tol)
-    return float(_bayes_root(mu, var, prior.priors) * std + mean)
+    return fixed_prior_threshold(test_values, prior.priors[1], seed=seed, max_samples=max_samples,
+                                 max_iter=max_iter, tol=tol)
+
+
+def fixed_prior_threshold(
+    values: Any,
+    metal_fraction: float,
+    *,
+    seed: int = 0,
+    max_samples: int = _MAX_FIT_SAMPLES,
+    max_iter: int = 200,
+    tol: float = 1e-7,
+) -> float:
+    """The threshold :func:`bayes_threshold` gives ``values`` when class 1 has prior ``metal_fraction``.
+
+    The same EM with fixed mixing weights, for callers that know the class fraction but have no
+    reference volume (the training loss of apt_stream.model.losses, which knows the labels).
+    """
+    p1 = float(metal_fraction)
+    if not 0.0 < p1 < 1.0:
+        raise InputError(f"metal_fraction must lie in (0, 1), got {metal_fraction}")
+    z, mean, std = _fit_sample(values, "test_values", max_samples, seed)
+    mu, var = _em_fixed_priors(z, (1.0 - p1, p1), max_iter=max_iter, tol=tol)
+    return float(_bayes_root(mu, var, (1.0 - p1, p1)) * std + mean)
 
 
 # --------------------------------------------------------------------------- DSC / BER

@@ -28,6 +28,7 @@ import torch
 
 from apt_stream.angle_bank import AngleBank
 from apt_stream.errors import InputError
+from apt_stream.sim.materials import is_metal
 
 #: The paper's trigger setting, drawn with extra weight so the default use is well covered.
 DEFAULT_SETTING = (29, 17.0)
@@ -61,6 +62,9 @@ class RandomAngleDataset:
     sampling : AngleSampling
     fixed_seed : int, optional
         Draw the same samples on every pass (validation).
+    metal_masks : bool
+        Also give each patch's metal mask (from the bank's labels, cropped and flipped with it):
+        :meth:`batches` then yields ``(input, truth, metal)``, for the threshold term of the loss.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class RandomAngleDataset:
         jobs: int = 1,
         cache_dir: str | Path | None = None,
         progress: Callable[[int, int], None] | None = None,
+        metal_masks: bool = False,
     ) -> None:
         if not banks:
             raise InputError("no angle banks")
@@ -87,6 +92,7 @@ class RandomAngleDataset:
         self.samples = int(samples_per_epoch)
         self.sampling = sampling or AngleSampling()
         self.fixed_seed = fixed_seed
+        self.metal_masks = bool(metal_masks)
         self.inputs = tuple(inputs)
         if self.inputs not in (("approximant",), ("approximant", "sart")):
             raise InputError(f"inputs must be ('approximant',) or ('approximant', 'sart'), got {self.inputs}")
@@ -176,6 +182,7 @@ class RandomAngleDataset:
         return out
 
     def sample(self, rng: np.random.Generator, *, augment: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+        """One (input, truth, info) sample; ``info["metal"]`` is its metal mask with ``metal_masks``."""
         b = int(rng.integers(len(self.banks)))
         bank = self.banks[b]
         if self.sets is None:
@@ -192,11 +199,15 @@ class RandomAngleDataset:
         x0 = int(rng.integers(0, nx - self.patch + 1))
         win = (slice(None), slice(y0, y0 + self.patch), slice(x0, x0 + self.patch))
         x, t = channels[(slice(None), *win)], bank.truth[win] / scale
+        m = is_metal(bank.labels[win]) if self.metal_masks else None
         if augment:
             for axis in (0, 1, 2):
                 if rng.random() < 0.5:
                     x, t = np.flip(x, axis + 1), np.flip(t, axis)
+                    m = None if m is None else np.flip(m, axis)
         info = {"seed": bank.seed, "n_angles": n, "range_deg": theta, "scale": scale}
+        if m is not None:
+            info["metal"] = np.ascontiguousarray(m, np.float32)
         return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(t, np.float32), info
 
     def batches(
@@ -206,8 +217,9 @@ class RandomAngleDataset:
         shuffle: bool = False,
         augment: bool = False,
         rng: np.random.Generator | None = None,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Mini-batches ``(B, C, Z, P, P)`` of input and ``(B, 1, Z, P, P)`` truth (divided by the Approximant's RMS)."""
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Mini-batches ``(B, C, Z, P, P)`` of input and ``(B, 1, Z, P, P)`` truth (divided by the
+        Approximant's RMS), and with ``metal_masks`` a third ``(B, 1, Z, P, P)`` metal mask."""
         if self.fixed_seed is not None:
             rng = np.random.default_rng(self.fixed_seed)
         elif rng is None:
@@ -216,7 +228,10 @@ class RandomAngleDataset:
             pairs = [self.sample(rng, augment=augment) for _ in range(min(batch_size, self.samples - b0))]
             xs = torch.from_numpy(np.stack([p[0] for p in pairs]))
             ys = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
-            yield xs, ys
+            if self.metal_masks:
+                yield xs, ys, torch.from_numpy(np.stack([p[2]["metal"] for p in pairs]))[:, None]
+            else:
+                yield xs, ys
 
 
 def _one_thread() -> None:

@@ -125,12 +125,15 @@ def train_general_model(
     sets_per_bank: int = 8,
     jobs: int = 2,
     marginal_weight: float = 0.0,
+    metal_weight: float = 0.0,
     init: str | Path | None = None,
     lr: float | None = None,
 ):
     """Train the network on random angle sets from the banks (NPCC, Adam, poly LR, batch 4).
 
-    ``marginal_weight`` adds the value-distribution term to NPCC (apt_stream.model.losses);
+    ``marginal_weight`` adds the value-distribution term to NPCC and ``metal_weight`` the
+    threshold term, which reads the banks' metal labels (apt_stream.model.losses;
+    validation always reports ``val_ber``);
     ``init`` starts from a checkpoint's weights (same preset and inputs) with a fresh optimiser
     and schedule, e.g. to continue the shipped model with another loss; ``lr`` overrides the
     paper's 2e-4.
@@ -152,12 +155,13 @@ def train_general_model(
     common = {"patch_xy": patch, "inputs": inputs, "sets_per_bank": sets_per_bank, "jobs": jobs,
               "cache_dir": cache}
     train_ds = RandomAngleDataset(load_banks(bank_paths, split="train"), samples_per_epoch=samples_per_epoch,
-                                  progress=say("train"), **common)
+                                  progress=say("train"), metal_masks=metal_weight > 0, **common)
     val_ds = RandomAngleDataset(load_banks(bank_paths, split="val"), samples_per_epoch=val_samples,
-                                fixed_seed=12_345, progress=say("validation"), **common)
+                                fixed_seed=12_345, progress=say("validation"), metal_masks=True, **common)
     return model, train(
         model, train_ds, val_ds, epochs=epochs, out_dir=out_dir, resume=resume or None, seed=seed,
         progress=progress, lr_decay_epochs=max(epochs, 1) * 5 // 4, marginal_weight=marginal_weight,
+        metal_weight=metal_weight,
         **({"lr": lr} if lr is not None else {}),
         provenance={"recipe": "apt_stream.training_run", "design_space": "apt_stream.sim.design",
                     "acquisition": "apt_stream.sim.acquisition", "bank_files": [str(p) for p in bank_paths],

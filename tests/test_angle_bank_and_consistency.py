@@ -69,6 +69,34 @@ def test_random_angle_samples_are_feasible_scaled_and_varied(tiny_bank):
     assert (a == b).all()  # validation draws the same samples every epoch
 
 
+def test_metal_masks_follow_the_truth_patch_through_crops_and_flips(tiny_bank):
+    from apt_stream.sim.materials import is_metal
+
+    kw = dict(patch_xy=16, samples_per_epoch=8, sampling=AngleSampling(n_angles=(3, 9), range_deg=(10.0, 30.0)))
+    plain = RandomAngleDataset([tiny_bank], **kw)
+    masked = RandomAngleDataset([tiny_bank], metal_masks=True, **kw)
+    # In this phantom δ is a function of the material, and metal and non-metal δ never coincide,
+    # so a truth patch says by itself which of its voxels are metal.
+    metal = is_metal(tiny_bank.labels)
+    metal_values = np.unique(tiny_bank.truth[metal])
+    def holds_metal_delta(values):
+        return np.isclose(values[..., None], metal_values, rtol=1e-5, atol=0).any(axis=-1)
+
+    assert not holds_metal_delta(np.unique(tiny_bank.truth[~metal])).any()
+    for seed in range(6):
+        x0, t0, _ = plain.sample(np.random.default_rng(seed), augment=True)
+        x1, t1, info = masked.sample(np.random.default_rng(seed), augment=True)
+        # the masks draw nothing: the same seed gives the same sample with or without them
+        np.testing.assert_array_equal(x0, x1)
+        np.testing.assert_array_equal(t0, t1)
+        m = info["metal"].astype(bool)
+        assert m.shape == t1.shape and m.any() and not m.all()
+        # cropped and flipped with the truth: exactly the voxels holding a metal's δ
+        np.testing.assert_array_equal(m, holds_metal_delta(t1 * info["scale"]))
+    xb, tb, mb = next(masked.batches(4, augment=True, rng=np.random.default_rng(0)))
+    assert tuple(mb.shape) == tuple(tb.shape) and set(np.unique(mb.numpy())) <= {0.0, 1.0}
+
+
 def test_sart_input_channel_matches_sart_of_the_same_angles(tiny_bank, tmp_path):
     from apt_stream.model.inputs import SART_SWEEPS, sart_channel
 

@@ -130,6 +130,52 @@ def test_training_with_the_distribution_term_sharpens_the_output_histogram(tmp_p
         train(tiny_model(), pairs[:1], epochs=1, out_dir=tmp_path / "bad", progress=False, marginal_weight=-0.1)
 
 
+def test_threshold_bce_scores_each_voxels_side_of_the_outputs_own_threshold():
+    from apt_stream.metrics import fixed_prior_threshold
+    from apt_stream.model.losses import threshold_bce
+
+    torch.manual_seed(0)
+    metal = (torch.rand(2, 1, 8, 16, 16) < 0.2).float()
+    noise = torch.randn_like(metal)
+    clear, muddled = metal * 3 + 0.3 * noise, metal * 3 + 1.5 * noise
+    # affine-free, like NPCC: gain and offset of the output change nothing
+    assert torch.allclose(threshold_bce(5 * clear - 2, metal), threshold_bce(clear, metal), atol=1e-5)
+    # more voxels on the wrong side of the threshold the metrics draw: a higher loss
+    assert (threshold_bce(muddled, metal) > 3 * threshold_bce(clear, metal)).all()
+    assert (threshold_bce(-clear, metal) > 10 * threshold_bce(clear, metal)).all()
+    # the gradient pushes a metal voxel that sits below the threshold up (and a dielectric down)
+    pred = muddled.clone().requires_grad_()
+    threshold_bce(pred, metal).sum().backward()
+    z = ((muddled - muddled[0].mean()) / muddled[0].std(unbiased=False))[0].flatten()
+    t = fixed_prior_threshold(z.numpy(), float(metal[0].mean()), max_samples=8192, max_iter=60, tol=1e-5)
+    g, m = pred.grad[0].flatten(), metal[0].flatten().bool()
+    assert (g[m & (z < t - 0.5)] < 0).all() and (g[~m & (z > t + 0.5)] > 0).all()
+    # a patch without metal has no threshold: it scores 0 and still backpropagates
+    none = torch.zeros(1, 1, 4, 4, 4)
+    out = torch.randn(1, 1, 4, 4, 4, requires_grad=True)
+    loss = threshold_bce(out, none)
+    assert float(loss.detach()) == 0.0
+    loss.sum().backward()
+    with pytest.raises(InputError, match="temperature"):
+        threshold_bce(clear, metal, temperature=0)
+
+
+def test_apt_loss_adds_the_weighted_threshold_term_and_needs_the_masks(tmp_path):
+    from apt_stream.model.losses import apt_loss, threshold_bce
+
+    x, y = torch.randn(3, 1, 6, 6, 6), (torch.rand(3, 1, 6, 6, 6) < 0.3).float()
+    expected = float(npcc_loss(x, y)) + 0.7 * float(threshold_bce(x, y).mean())
+    assert float(apt_loss(x, y, metal=y, metal_weight=0.7)) == pytest.approx(expected, abs=1e-6)
+    assert float(apt_loss(x, y, metal=y)) == pytest.approx(float(npcc_loss(x, y)), abs=1e-7)
+    with pytest.raises(InputError, match="metal masks"):
+        apt_loss(x, y, metal_weight=0.5)
+    with pytest.raises(InputError, match="metal_weight"):
+        apt_loss(x, y, metal=y, metal_weight=-1)
+    with pytest.raises(ConfigError, match="metal masks"):
+        train(tiny_model(), synthetic_pairs(1), epochs=1, out_dir=tmp_path, progress=False,
+              metal_weight=0.5)
+
+
 def test_poly_lr_follows_paper_rule():
     assert poly_lr(0) == pytest.approx(2e-4)
     assert poly_lr(100) == pytest.approx(2e-4 * 0.5**0.9)

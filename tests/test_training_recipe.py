@@ -48,6 +48,15 @@ def test_banks_resume_and_train_from_them(tmp_path):
     assert meta["config"]["loss"] == "npcc+marginal_w1" and meta["config"]["lr0"] == 1e-4
     assert meta["provenance"]["init"] == str(DEFAULT_CHECKPOINT)
     assert "val_marginal_w1" in cont.history[0]
+    # validation always scores the binarisation (the banks carry the labels), and the threshold
+    # term trains from them
+    assert 0.0 <= cont.history[0]["val_ber"] <= 1.0
+    _, thr = train_general_model(bank_files(tmp_path), out_dir=tmp_path / "thr", epochs=1,
+                                 samples_per_epoch=8, val_samples=4, progress=False,
+                                 init=DEFAULT_CHECKPOINT, metal_weight=0.5, lr=1e-4)
+    meta = read_metadata(thr.last_path)
+    assert meta["config"]["loss"] == "npcc+threshold_bce" and meta["config"]["metal_weight"] == 0.5
+    assert meta["provenance"]["metrics"]["val_ber"] == thr.history[0]["val_ber"]
     # One small step from the shipped weights, not a fresh network: the weights barely moved.
     tuned, _ = load_checkpoint(cont.last_path)
     w0, w1 = shipped.state_dict(), tuned.state_dict()

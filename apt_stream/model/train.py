@@ -37,7 +37,7 @@ from apt_stream.model.checkpoint import (
     save_checkpoint,
     save_optimizer_state,
 )
-from apt_stream.model.losses import apt_loss, marginal_w1, pearson_per_sample
+from apt_stream.model.losses import apt_loss, marginal_w1, pearson_per_sample, threshold_bce
 from apt_stream.model.network import APTNet
 
 Pair = tuple[np.ndarray, np.ndarray]
@@ -344,22 +344,30 @@ class _Progress:
 def evaluate(
     model: APTNet, dataset: PairDataset, *, batch_size: int = BATCH_SIZE, device: str | torch.device = "cpu",
     marginal_weight: float = 0.0,
+    metal_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Mean loss (the training loss), PCC and value-distribution distance over a dataset, plus the
-    least-squares map truth ≈ a·output + b."""
+    least-squares map truth ≈ a·output + b; with metal masks in the batches also the threshold
+    term and ``ber``, the error rate of the output binarised at its own EM/Bayes threshold."""
     was_training = model.training
     model.eval()
     n = 0
     pcc_sum = 0.0
     w1_sum = 0.0
+    bce_sum, ber_sum, n_masked = 0.0, 0.0, 0
     # Sums for the affine fit, in float64: voxel counts reach 1e8 for paper-size sets.
     s = np.zeros(5)
     try:
-        for x, y in dataset.batches(batch_size):
-            x, y = x.to(device), y.to(device)
+        for batch in dataset.batches(batch_size):
+            x, y = batch[0].to(device), batch[1].to(device)
             out = model(x)
             pcc_sum += float(pearson_per_sample(out, y).sum())
             w1_sum += float(marginal_w1(out, y).sum())
+            if len(batch) > 2:
+                metal = batch[2].to(device)
+                bce_sum += float(threshold_bce(out, metal).sum())
+                ber_sum += _threshold_errors(out, metal)
+                n_masked += x.shape[0]
             n += x.shape[0]
             p, t = out.double().flatten(), y.double().flatten()
             s += np.array(
@@ -373,8 +381,27 @@ def evaluate(
     var = spp - sp * sp / count
     a = (spt - sp * st / count) / var if var > 0 else 0.0
     b = (st - a * sp) / count
-    return {"loss": (-pcc_sum + marginal_weight * w1_sum) / n, "pcc": pcc_sum / n, "marginal_w1": w1_sum / n,
-            "output_affine": [float(a), float(b)], "samples": n}
+    if metal_weight and not n_masked:
+        raise InputError("metal_weight > 0 needs a dataset that gives metal masks")
+    res = {"loss": (-pcc_sum + marginal_weight * w1_sum + metal_weight * bce_sum) / n, "pcc": pcc_sum / n,
+           "marginal_w1": w1_sum / n, "output_affine": [float(a), float(b)], "samples": n}
+    if n_masked:
+        res.update(threshold_bce=bce_sum / n_masked, ber=ber_sum / n_masked)
+    return res
+
+
+def _threshold_errors(out: torch.Tensor, metal: torch.Tensor) -> float:
+    """Sum over the batch of each sample's BER at its own fixed-prior EM/Bayes threshold."""
+    from apt_stream.metrics import fixed_prior_threshold
+
+    total = 0.0
+    for o, m in zip(out.detach().cpu().numpy(), metal.cpu().numpy().astype(bool), strict=True):
+        frac = float(m.mean())
+        if 0.0 < frac < 1.0 and o.std() > 0:
+            total += float(((o > fixed_prior_threshold(o, frac)) != m).mean())
+        else:
+            total += float(m.mean())  # no threshold: every voxel called not metal
+    return total
 
 
 def train(
@@ -399,6 +426,7 @@ def train(
     max_batches_per_epoch: int | None = None,
     provenance: Mapping[str, Any] | None = None,
     marginal_weight: float = 0.0,
+    metal_weight: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` on paired volumes; checkpoint every epoch, keep the best on validation.
 
@@ -435,6 +463,9 @@ def train(
         Cap batches per epoch (smoke runs).
     provenance : mapping, optional
         Extra provenance for the checkpoints (e.g. data seeds, simulator preset).
+    metal_weight : float
+        Weight of the threshold term (:func:`apt_stream.model.losses.threshold_bce`); needs a
+        dataset that gives metal masks (``RandomAngleDataset(metal_masks=True)``).
     marginal_weight : float
         Weight of the value-distribution term (:func:`apt_stream.model.losses.marginal_w1`) added
         to NPCC; 0 is the paper's loss. Validation and the best checkpoint use the same loss.
@@ -451,6 +482,8 @@ def train(
         raise ConfigError(f"epochs must be >= 1, got {epochs}")
     if not (marginal_weight >= 0 and np.isfinite(marginal_weight)):
         raise ConfigError(f"marginal_weight must be a finite number >= 0, got {marginal_weight}")
+    if not (metal_weight >= 0 and np.isfinite(metal_weight)):
+        raise ConfigError(f"metal_weight must be a finite number >= 0, got {metal_weight}")
     if batch_size < 1 or lr <= 0 or lr_decay_epochs < 1:
         raise ConfigError(
             f"need batch_size >= 1, lr > 0, lr_decay_epochs >= 1 (got {batch_size}, {lr}, {lr_decay_epochs})"
@@ -466,6 +499,9 @@ def train(
     val_ds, va_prov = _dataset(val_pairs, "val", ds_kwargs)
     if train_ds is None or not len(train_ds):
         raise InputError("no training pairs")
+    if metal_weight and not getattr(train_ds, "metal_masks", False):
+        raise ConfigError("metal_weight > 0 needs a training dataset with metal masks "
+                          "(RandomAngleDataset(..., metal_masks=True))")
     input_norm = getattr(train_ds, "input_norm", "standardize")
     model.io_config["input_norm"] = input_norm
     inputs = list(getattr(train_ds, "inputs", ("approximant",)))
@@ -485,8 +521,9 @@ def train(
         "weight_decay": 0.0, "lr_schedule": {"rule": "poly", "T": lr_decay_epochs, "power": lr_power},
         "patch_xy": [int(v) for v in np.broadcast_to(train_ds.patch, 2)], "overlap": overlap, "augment": augment,
         "augmentations": getattr(train_ds, "augmentations", ["flip_x", "flip_y"]) if augment else [],
-        "seed": seed, "loss": "npcc+marginal_w1" if marginal_weight else "npcc",
-        "marginal_weight": float(marginal_weight), "input_norm": input_norm,
+        "seed": seed, "loss": "+".join(["npcc"] + ["marginal_w1"] * bool(marginal_weight)
+                                       + ["threshold_bce"] * bool(metal_weight)),
+        "marginal_weight": float(marginal_weight), "metal_weight": float(metal_weight), "input_norm": input_norm,
     }
     base_prov = {
         **{f"train_{k}": v for k, v in tr_prov.items()},
@@ -509,6 +546,7 @@ def train(
                 lr=poly_lr(epoch, lr0=lr, total_epochs=lr_decay_epochs, power=lr_power),
                 batch_size=batch_size, augment=augment, seed=seed, device=dev,
                 max_batches=max_batches_per_epoch, marginal_weight=marginal_weight,
+                metal_weight=metal_weight,
             )
             result.history.append(info)
             score = info["val_loss"] if info["val_loss"] is not None else info["train_loss"]
@@ -534,7 +572,7 @@ def train(
 
 
 def _metrics(info: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: info[k] for k in ("train_loss", "val_loss", "val_pcc", "val_marginal_w1") if k in info}
+    return {k: info[k] for k in ("train_loss", "val_loss", "val_pcc", "val_marginal_w1", "val_ber") if k in info}
 
 
 def _resume(
@@ -570,6 +608,7 @@ def _run_epoch(
     device: torch.device,
     max_batches: int | None,
     marginal_weight: float = 0.0,
+    metal_weight: float = 0.0,
 ) -> dict[str, Any]:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -581,12 +620,13 @@ def _run_epoch(
         n_batches = min(n_batches, max_batches)
     bar.epoch_start(epoch + 1, epochs, n_batches)
     total, count = 0.0, 0
-    for i, (x, y) in enumerate(train_ds.batches(batch_size, shuffle=True, augment=augment, rng=rng)):
+    for i, batch in enumerate(train_ds.batches(batch_size, shuffle=True, augment=augment, rng=rng)):
         if i >= n_batches:
             break
-        x, y = x.to(device), y.to(device)
+        x, y = batch[0].to(device), batch[1].to(device)
+        metal = batch[2].to(device) if len(batch) > 2 else None
         optimizer.zero_grad(set_to_none=True)
-        loss = apt_loss(model(x), y, marginal_weight=marginal_weight)
+        loss = apt_loss(model(x), y, marginal_weight=marginal_weight, metal=metal, metal_weight=metal_weight)
         if not torch.isfinite(loss):
             raise ModelError(f"training loss became {float(loss)} at epoch {epoch + 1}, batch {i + 1}")
         loss.backward()
@@ -600,8 +640,11 @@ def _run_epoch(
         "val_loss": None, "val_pcc": None, "output_affine": None,
     }
     if val_ds is not None and len(val_ds):
-        ev = evaluate(model, val_ds, batch_size=batch_size, device=device, marginal_weight=marginal_weight)
+        ev = evaluate(model, val_ds, batch_size=batch_size, device=device, marginal_weight=marginal_weight,
+                      metal_weight=metal_weight)
         info.update(val_loss=ev["loss"], val_pcc=ev["pcc"], val_marginal_w1=ev["marginal_w1"],
                     output_affine=ev["output_affine"])
+        if "ber" in ev:
+            info["val_ber"] = ev["ber"]
     info["seconds"] = time.perf_counter() - t0
     return info
