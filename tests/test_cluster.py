@@ -290,8 +290,13 @@ def test_bench_scale_quick_reports_speedup_identity_and_sizing():
                           "--json"], capture_output=True, text=True, timeout=600, check=True)
     result = json.loads(out.stdout)
     tp = result["throughput"]
-    assert set(tp["seconds"]) == {"single_process", "dask_1_worker", "dask_2_workers"}
+    assert set(tp["seconds"]) == {"single_process", "dask_1_worker", "dask_2_workers",
+                                  "two_single_processes_at_once"}
     assert tp["efficiency_2_workers"] == pytest.approx(tp["speedup_2_vs_1_worker"]["value"] / 2)
+    # the machine's own ceiling for two workers, from two plain processes running at once
+    assert tp["pair_ran_in_two_processes"]
+    assert tp["speedup_vs_ceiling"] == pytest.approx(
+        tp["speedup_2_vs_1_worker"]["value"] / tp["ceiling_speedup"]["value"])
     assert tp["max_relative_difference_vs_single_process"] <= 1e-6
     cpu = result["paper_scale"]["cpu"]
     assert (cpu["frame_px"], cpu["modes"], cpu["slices"]) == (128, 12, 5)
