@@ -297,6 +297,7 @@ def test_bench_scale_quick_reports_speedup_identity_and_sizing():
     assert tp["pair_ran_in_two_processes"]
     assert tp["speedup_vs_ceiling"] == pytest.approx(
         tp["speedup_2_vs_1_worker"]["value"] / tp["ceiling_speedup"]["value"])
+    assert tp["measurement_fault"] == (tp["speedup_vs_ceiling"] > 1)
     assert tp["max_relative_difference_vs_single_process"] <= 1e-6
     cpu = result["paper_scale"]["cpu"]
     assert (cpu["frame_px"], cpu["modes"], cpu["slices"]) == (128, 12, 5)
