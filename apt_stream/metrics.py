@@ -29,6 +29,7 @@ __all__ = [
     "BinarizationPrior",
     "bayes_threshold",
     "fixed_prior_threshold",
+    "gaussian_bayes_threshold",
     "ber",
     "dsc",
     "em_threshold",
@@ -334,6 +335,17 @@ def _bayes_root(
     lo, hi = min(m0, m1), max(m0, m1)
     between = [r for r in roots if lo <= r <= hi]
     return min(between or roots, key=lambda r: abs(r - mid))
+
+
+def gaussian_bayes_threshold(
+    means: Sequence[float], variances: Sequence[float], priors: Sequence[float]
+) -> float:
+    """``x`` with ``p0 N(x; m0, v0) = p1 N(x; m1, v1)``: the root between the means where there is one.
+
+    Warns (RuntimeWarning) and returns the midpoint of the means when one weighted density
+    dominates everywhere.
+    """
+    return _bayes_root(means, variances, priors)
 
 
 def _fit_sample(values: Any, name: str, max_samples: int, seed: int) -> tuple[np.ndarray, float, float]:

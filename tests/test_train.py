@@ -130,41 +130,51 @@ def test_training_with_the_distribution_term_sharpens_the_output_histogram(tmp_p
         train(tiny_model(), pairs[:1], epochs=1, out_dir=tmp_path / "bad", progress=False, marginal_weight=-0.1)
 
 
-def test_threshold_bce_scores_each_voxels_side_of_the_outputs_own_threshold():
-    from apt_stream.metrics import fixed_prior_threshold
+def test_threshold_bce_scores_each_voxels_side_of_the_truths_metal_threshold():
+    from apt_stream.metrics import gaussian_bayes_threshold
     from apt_stream.model.losses import threshold_bce
 
     torch.manual_seed(0)
     metal = (torch.rand(2, 1, 8, 16, 16) < 0.2).float()
+    truth = 1.0 + 2.0 * metal + 0.1 * torch.rand_like(metal)  # metal has the larger δ
     noise = torch.randn_like(metal)
     clear, muddled = metal * 3 + 0.3 * noise, metal * 3 + 1.5 * noise
-    # affine-free, like NPCC: gain and offset of the output change nothing
-    assert torch.allclose(threshold_bce(5 * clear - 2, metal), threshold_bce(clear, metal), atol=1e-5)
-    # more voxels on the wrong side of the threshold the metrics draw: a higher loss
-    assert (threshold_bce(muddled, metal) > 3 * threshold_bce(clear, metal)).all()
-    assert (threshold_bce(-clear, metal) > 10 * threshold_bce(clear, metal)).all()
-    # the gradient pushes a metal voxel that sits below the threshold up (and a dielectric down)
+    # affine-free in the output and in the truth, like NPCC
+    ref = threshold_bce(clear, truth, metal)
+    assert torch.allclose(threshold_bce(5 * clear - 2, 1e-5 * truth, metal), ref, atol=1e-5)
+    # more voxels on the wrong side of the truth's threshold: a higher loss
+    assert (threshold_bce(muddled, truth, metal) > 3 * ref).all()
+    assert (threshold_bce(-clear, truth, metal) > 10 * ref).all()
+    # the gradient pushes a metal voxel below the threshold up, and a dielectric above it down
     pred = muddled.clone().requires_grad_()
-    threshold_bce(pred, metal).sum().backward()
-    z = ((muddled - muddled[0].mean()) / muddled[0].std(unbiased=False))[0].flatten()
-    t = fixed_prior_threshold(z.numpy(), float(metal[0].mean()), max_samples=8192, max_iter=60, tol=1e-5)
-    g, m = pred.grad[0].flatten(), metal[0].flatten().bool()
+    threshold_bce(pred, truth, metal).sum().backward()
+    zt = (truth[0] - truth[0].mean()) / truth[0].std(unbiased=False)
+    m = metal[0].bool()
+    frac = float(m.float().mean())
+    t = gaussian_bayes_threshold((float(zt[~m].mean()), float(zt[m].mean())),
+                                 (float(zt[~m].var(unbiased=False)) + 1e-6, float(zt[m].var(unbiased=False)) + 1e-6),
+                                 (1 - frac, frac))
+    z = ((muddled[0] - muddled[0].mean()) / muddled[0].std(unbiased=False))
+    g = pred.grad[0]
     assert (g[m & (z < t - 0.5)] < 0).all() and (g[~m & (z > t + 0.5)] > 0).all()
+    # the threshold is the truth's: it does not follow the output (a uniformly brighter metal
+    # class in the output only lowers the loss)
+    assert (threshold_bce(clear + 2 * metal, truth, metal) < ref).all()
     # a patch without metal has no threshold: it scores 0 and still backpropagates
     none = torch.zeros(1, 1, 4, 4, 4)
     out = torch.randn(1, 1, 4, 4, 4, requires_grad=True)
-    loss = threshold_bce(out, none)
+    loss = threshold_bce(out, torch.rand(1, 1, 4, 4, 4), none)
     assert float(loss.detach()) == 0.0
     loss.sum().backward()
     with pytest.raises(InputError, match="temperature"):
-        threshold_bce(clear, metal, temperature=0)
+        threshold_bce(clear, truth, metal, temperature=0)
 
 
 def test_apt_loss_adds_the_weighted_threshold_term_and_needs_the_masks(tmp_path):
     from apt_stream.model.losses import apt_loss, threshold_bce
 
     x, y = torch.randn(3, 1, 6, 6, 6), (torch.rand(3, 1, 6, 6, 6) < 0.3).float()
-    expected = float(npcc_loss(x, y)) + 0.7 * float(threshold_bce(x, y).mean())
+    expected = float(npcc_loss(x, y)) + 0.7 * float(threshold_bce(x, y, y).mean())
     assert float(apt_loss(x, y, metal=y, metal_weight=0.7)) == pytest.approx(expected, abs=1e-6)
     assert float(apt_loss(x, y, metal=y)) == pytest.approx(float(npcc_loss(x, y)), abs=1e-7)
     with pytest.raises(InputError, match="metal masks"):

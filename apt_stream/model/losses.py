@@ -9,8 +9,8 @@ thresholded in the wrong place even when a good threshold exists (docs/network.m
 
 Matching the truth's histogram is not what the binarisation rewards, though: where the input
 cannot tell metal from dielectric, the fewest voxels are wrong when the output puts them on the
-dielectric side. :func:`threshold_bce` scores exactly that: each voxel's side of the output's own
-EM/Bayes threshold (the one the metrics will draw) against the true metal labels.
+dielectric side. :func:`threshold_bce` scores that: each voxel's side of the truth's metal
+threshold (after both are z-scored) against the true metal labels.
 """
 
 from __future__ import annotations
@@ -90,63 +90,77 @@ def marginal_w1(pred: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-12)
     return (z_sorted(pred) - z_sorted(target)).abs().mean(dim=1)
 
 
-#: Voxels per sample that enter the (detached) threshold fit of :func:`threshold_bce`.
-THRESHOLD_FIT_SAMPLES = 8192
+def _truth_threshold(t: torch.Tensor, m: torch.Tensor) -> float | None:
+    """Bayes threshold between the truth's metal and non-metal values (z units), or None."""
+    from apt_stream.metrics import gaussian_bayes_threshold
+
+    n1 = int(m.sum())
+    if n1 == 0 or n1 == m.numel():
+        return None
+    t0, t1 = t[m == 0].double(), t[m == 1].double()
+    floor = 1e-6  # z units: a class of one exact value has no spread
+    means = (float(t0.mean()), float(t1.mean()))
+    variances = (float(t0.var(unbiased=False)) + floor, float(t1.var(unbiased=False)) + floor)
+    frac = n1 / m.numel()
+    if not means[1] > means[0]:
+        return None  # metal not above the rest in δ: no threshold to learn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # midpoint fallback is fine here
+        return gaussian_bayes_threshold(means, variances, (1.0 - frac, frac))
 
 
 def threshold_bce(
     pred: torch.Tensor,
+    target: torch.Tensor,
     metal: torch.Tensor,
     *,
     temperature: float = 0.25,
-    seed: int = 0,
     eps: float = 1e-12,
 ) -> torch.Tensor:
-    """Binary cross-entropy of each voxel's side of the output's EM/Bayes threshold vs the labels.
+    """Binary cross-entropy of each voxel's side of the truth's metal threshold, vs the labels.
 
-    Per sample: the output is z-scored (so, like NPCC, a positive affine map changes nothing),
-    the threshold ``t`` the paper's binarisation would draw is fitted to it (EM with the mixing
-    weights fixed at the sample's true metal fraction, apt_stream.metrics.fixed_prior_threshold;
-    computed without gradient, on at most :data:`THRESHOLD_FIT_SAMPLES` voxels), and
-    ``sigmoid((z − t) / temperature)`` is scored against the metal mask. Every voxel counts the
-    same, as in BER. A sample with no metal (or nothing else) has no threshold and scores 0.
+    Per sample, output and truth are z-scored (the evaluation maps every volume onto the
+    truth's mean and spread the same way, and like NPCC this ignores the output's gain and
+    offset); the threshold is the Bayes threshold between the truth's metal and non-metal values
+    (class means, variances and fractions from the labels), and ``sigmoid((z − t) / temperature)``
+    is scored against the metal mask. Every voxel counts the same, as in BER. The threshold
+    depends on the truth only, so it cannot move with the output (one drawn from the output's
+    own EM fit did, and fed back: docs/network.md, *Loss*). A sample with no metal, nothing else,
+    or metal not above the rest in δ scores 0.
 
     Parameters
     ----------
-    pred : Tensor (B, ...)
-        Network output.
+    pred, target : Tensor (B, ...)
+        Network output and truth.
     metal : Tensor (B, ...)
         Same shape, 1 where the voxel is metal, else 0.
     temperature : float
-        Width of the soft step, in units of the output's standard deviation.
+        Width of the soft step, in units of the standard deviation.
 
     Returns
     -------
     Tensor (B,)
     """
-    import numpy as np
-
-    from apt_stream.metrics import fixed_prior_threshold
-
+    _check_batch_pair(pred, target)
     _check_batch_pair(pred, metal)
     if not temperature > 0:
         raise InputError(f"temperature must be > 0, got {temperature}")
-    p = pred.reshape(pred.shape[0], -1).float()
-    m = metal.reshape(metal.shape[0], -1).to(p.dtype)
-    z = (p - p.mean(dim=1, keepdim=True)) / torch.sqrt(p.var(dim=1, unbiased=False, keepdim=True) + eps)
+
+    def z(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        # clamped, not offset by eps: raw δ has variances ~1e-10, where +eps would bias the scale
+        return (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, unbiased=False, keepdim=True).clamp_min(eps)
+
+    # the truth's threshold in float64: raw δ (~1e-5) z-scored in float32 rounds visibly
+    zp, zt = z(pred.float()), z(target.detach().double())
+    m = metal.reshape(metal.shape[0], -1).to(zp.dtype)
     out = []
-    zd = z.detach().cpu().numpy()
-    for i, frac in enumerate(m.mean(dim=1).tolist()):
-        if not 0.0 < frac < 1.0 or not np.isfinite(zd[i]).all() or zd[i].std() == 0:
-            out.append(z[i].sum() * 0.0)  # keeps the graph; nothing to learn from this sample
-            continue
-        with warnings.catch_warnings():
-            # an early, one-humped output has no crossing; the midpoint fallback is fine here,
-            # and a warning per sample per step would bury the progress bar
-            warnings.simplefilter("ignore", RuntimeWarning)
-            t = fixed_prior_threshold(zd[i], frac, seed=seed, max_samples=THRESHOLD_FIT_SAMPLES, max_iter=60,
-                                      tol=1e-5)
-        out.append(torch.nn.functional.binary_cross_entropy_with_logits((z[i] - t) / temperature, m[i]))
+    for i in range(zp.shape[0]):
+        t = _truth_threshold(zt[i], m[i])
+        if t is None:
+            out.append(zp[i].sum() * 0.0)  # keeps the graph; nothing to learn from this sample
+        else:
+            out.append(torch.nn.functional.binary_cross_entropy_with_logits((zp[i] - t) / temperature, m[i]))
     return torch.stack(out)
 
 
@@ -174,7 +188,7 @@ def apt_loss(
     if metal_weight:
         if metal is None:
             raise InputError("metal_weight > 0 needs the metal masks (a dataset with labels)")
-        loss = loss + metal_weight * threshold_bce(pred, metal, eps=eps)
+        loss = loss + metal_weight * threshold_bce(pred, target, metal, eps=eps)
     return loss.mean()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,6 +331,7 @@ class _Progress:
             self.bar.console.log(
                 f"epoch {info['epoch']}: train {info['train_loss']:.4f}"
                 + (f", val {val:.4f}" if val is not None else "")
+                + (f" (PCC {info['val_pcc']:.3f}, BER {info['val_ber']:.3f})" if "val_ber" in info else "")
                 + f", lr {info['lr']:.2e}, {info['seconds']:.1f} s"
             )
         if self.callback is not None:
@@ -365,7 +367,7 @@ def evaluate(
             w1_sum += float(marginal_w1(out, y).sum())
             if len(batch) > 2:
                 metal = batch[2].to(device)
-                bce_sum += float(threshold_bce(out, metal).sum())
+                bce_sum += float(threshold_bce(out, y, metal).sum())
                 ber_sum += _threshold_errors(out, metal)
                 n_masked += x.shape[0]
             n += x.shape[0]
@@ -398,7 +400,10 @@ def _threshold_errors(out: torch.Tensor, metal: torch.Tensor) -> float:
     for o, m in zip(out.detach().cpu().numpy(), metal.cpu().numpy().astype(bool), strict=True):
         frac = float(m.mean())
         if 0.0 < frac < 1.0 and o.std() > 0:
-            total += float(((o > fixed_prior_threshold(o, frac)) != m).mean())
+            with warnings.catch_warnings():  # the midpoint fallback is the answer for a one-humped patch
+                warnings.simplefilter("ignore", RuntimeWarning)
+                t = fixed_prior_threshold(o, frac)
+            total += float(((o > t) != m).mean())
         else:
             total += float(m.mean())  # no threshold: every voxel called not metal
     return total
