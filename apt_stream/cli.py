@@ -454,9 +454,9 @@ def train(
         help="Weight of the value-distribution term added to NPCC (docs/network.md, Loss: "
              "measured and not shipped). 0: the paper's NPCC alone.")] = 0.0,
     metal_weight: Annotated[float, typer.Option(
-        help="Weight of the threshold term added to NPCC: each voxel's side of the output's own "
-             "EM/Bayes threshold scored against the true metal labels (docs/network.md, Loss). "
-             "0: off.")] = 0.0,
+        help="Weight of the threshold term added to NPCC: each voxel's side of the truth's metal "
+             "threshold scored against the true metal labels (docs/network.md, Loss: measured and "
+             "not shipped). 0: off.")] = 0.0,
     init: Annotated[Path | None, typer.Option(
         help="Start from this checkpoint's weights (same preset), fresh optimiser and schedule.")] = None,
     lr: Annotated[float, typer.Option(help="Initial learning rate (the paper: 2e-4).")] = 2e-4,

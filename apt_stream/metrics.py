@@ -29,7 +29,7 @@ __all__ = [
     "BinarizationPrior",
     "bayes_threshold",
     "fixed_prior_threshold",
-    "gaussian_bayes_threshold",
+    "prior_from_labels",
     "ber",
     "dsc",
     "em_threshold",
@@ -337,17 +337,6 @@ def _bayes_root(
     return min(between or roots, key=lambda r: abs(r - mid))
 
 
-def gaussian_bayes_threshold(
-    means: Sequence[float], variances: Sequence[float], priors: Sequence[float]
-) -> float:
-    """``x`` with ``p0 N(x; m0, v0) = p1 N(x; m1, v1)``: the root between the means where there is one.
-
-    Warns (RuntimeWarning) and returns the midpoint of the means when one weighted density
-    dominates everywhere.
-    """
-    return _bayes_root(means, variances, priors)
-
-
 def _fit_sample(values: Any, name: str, max_samples: int, seed: int) -> tuple[np.ndarray, float, float]:
     """Flattened finite values (subsampled), standardised; returns (z, mean, std)."""
     x = _as_float_array(values, name).ravel()
@@ -482,7 +471,7 @@ def fixed_prior_threshold(
     """The threshold :func:`bayes_threshold` gives ``values`` when class 1 has prior ``metal_fraction``.
 
     The same EM with fixed mixing weights, for callers that know the class fraction but have no
-    reference volume (the training loss of apt_stream.model.losses, which knows the labels).
+    reference volume (training's validation BER, apt_stream.model.train, which knows the labels).
     """
     p1 = float(metal_fraction)
     if not 0.0 < p1 < 1.0:
@@ -546,7 +535,8 @@ def _keep_z(nz: int, exclude_z: slice | Iterable[int] | None) -> np.ndarray:
     return keep
 
 
-def _prior_from_labels(reference: np.ndarray, labels: np.ndarray) -> BinarizationPrior:
+def prior_from_labels(reference: np.ndarray, labels: np.ndarray) -> BinarizationPrior:
+    """Class means, variances, fractions and Bayes threshold of ``reference`` split by boolean ``labels``."""
     n1 = int(labels.sum())
     if n1 == 0 or n1 == labels.size:
         raise InputError("reference_binary must contain both classes (0 and 1)")
@@ -605,7 +595,7 @@ def evaluate(
         ref_bin = r > prior.threshold
     else:
         ref_bin = rb[keep]
-        prior = _prior_from_labels(r, ref_bin)
+        prior = prior_from_labels(r, ref_bin)
     test_bin = t > bayes_threshold(t, prior, seed=seed)
     return {
         "pcc": pcc(t, r),

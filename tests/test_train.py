@@ -131,7 +131,7 @@ def test_training_with_the_distribution_term_sharpens_the_output_histogram(tmp_p
 
 
 def test_threshold_bce_scores_each_voxels_side_of_the_truths_metal_threshold():
-    from apt_stream.metrics import gaussian_bayes_threshold
+    from apt_stream.metrics import prior_from_labels
     from apt_stream.model.losses import threshold_bce
 
     torch.manual_seed(0)
@@ -150,10 +150,7 @@ def test_threshold_bce_scores_each_voxels_side_of_the_truths_metal_threshold():
     threshold_bce(pred, truth, metal).sum().backward()
     zt = (truth[0] - truth[0].mean()) / truth[0].std(unbiased=False)
     m = metal[0].bool()
-    frac = float(m.float().mean())
-    t = gaussian_bayes_threshold((float(zt[~m].mean()), float(zt[m].mean())),
-                                 (float(zt[~m].var(unbiased=False)) + 1e-6, float(zt[m].var(unbiased=False)) + 1e-6),
-                                 (1 - frac, frac))
+    t = prior_from_labels(zt.double().numpy(), m.numpy()).threshold
     z = ((muddled[0] - muddled[0].mean()) / muddled[0].std(unbiased=False))
     g = pred.grad[0]
     assert (g[m & (z < t - 0.5)] < 0).all() and (g[~m & (z > t + 0.5)] > 0).all()

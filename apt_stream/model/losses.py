@@ -92,21 +92,17 @@ def marginal_w1(pred: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-12)
 
 def _truth_threshold(t: torch.Tensor, m: torch.Tensor) -> float | None:
     """Bayes threshold between the truth's metal and non-metal values (z units), or None."""
-    from apt_stream.metrics import gaussian_bayes_threshold
+    from apt_stream.metrics import prior_from_labels
 
-    n1 = int(m.sum())
-    if n1 == 0 or n1 == m.numel():
+    labels = m.detach().cpu().numpy() > 0.5
+    if labels.all() or not labels.any():
         return None
-    t0, t1 = t[m == 0].double(), t[m == 1].double()
-    floor = 1e-6  # z units: a class of one exact value has no spread
-    means = (float(t0.mean()), float(t1.mean()))
-    variances = (float(t0.var(unbiased=False)) + floor, float(t1.var(unbiased=False)) + floor)
-    frac = n1 / m.numel()
-    if not means[1] > means[0]:
-        return None  # metal not above the rest in δ: no threshold to learn
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # midpoint fallback is fine here
-        return gaussian_bayes_threshold(means, variances, (1.0 - frac, frac))
+        prior = prior_from_labels(t.detach().cpu().numpy(), labels)
+    if not prior.means[1] > prior.means[0]:
+        return None  # metal not above the rest in δ: no threshold to learn
+    return prior.threshold
 
 
 def threshold_bce(
