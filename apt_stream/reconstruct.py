@@ -63,6 +63,9 @@ def apt_volumes(
 ) -> dict[str, np.ndarray]:
     """``{"apt": data-consistent volume, "apt-raw": network output}`` (``apt`` only without data).
 
+    A model with a calibrated metal rule (``io_config["metal_mask"]``, :mod:`apt_stream.metal_mask`)
+    also gives ``"apt-metal"``: the uint8 metal mask of the ``apt`` volume.
+
     ``projections`` is ``(angles_deg, projections)`` of the angles the Approximant used (the
     engine's ``projections()``); the network's volume is then pulled towards them by a few SART
     sweeps (:func:`apt_stream.physics.consistency.enforce_projections`, with the sweeps the model's
@@ -78,14 +81,28 @@ def apt_volumes(
     n_iter = dc_sweeps(model)
     # The shipped model's setting was chosen by measurement (docs/results.md, data consistency).
     if projections is None or len(projections[0]) == 0 or n_iter == 0:
-        return {"apt": raw}
+        return _with_metal_mask(model, {"apt": raw})
     dc = dict(model.io_config.get("data_consistency") or {})
     consistent, _ = enforce_projections(
         raw, projections[0], projections[1], n_iter=n_iter,
         relaxation=float(dc.get("relaxation", DC_RELAXATION)), method=str(dc.get("method", "sart")),
         report_residual=False,
     )
-    return {"apt": consistent, "apt-raw": raw}
+    return _with_metal_mask(model, {"apt": consistent, "apt-raw": raw})
+
+
+def _with_metal_mask(model, volumes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from apt_stream.metal_mask import MetalRule
+
+    rule = MetalRule.of_model(model)
+    if rule is not None:
+        volumes["apt-metal"] = rule.mask(volumes["apt"])
+    return volumes
+
+
+def is_mask(volume: np.ndarray) -> bool:
+    """Masks (``apt-metal``) are uint8/bool; every reconstructed volume is a float."""
+    return np.asarray(volume).dtype in (np.uint8, np.bool_)
 
 
 def baseline_volumes(
@@ -148,20 +165,21 @@ def score(volumes: Mapping[str, np.ndarray], truth, *, exclude_z=None) -> dict[s
     """The paper's four metrics of each volume against the ground truth (metal = METAL_LABELS).
 
     Check :func:`metrics_skipped` first: a single-class truth cannot be scored.
+    A mask (``apt-metal``) is scored as it is, on DSC and BER only: re-binarising it would
+    change nothing, and PCC / MS-SSIM of a 0/1 volume against δ mean nothing.
     """
+    from apt_stream.metal_mask import mask_scores
     from apt_stream.metrics import evaluate
     from apt_stream.sim.materials import is_metal
 
     metal = is_metal(truth.labels)
-    return {
-        name: {
-            k: round(float(v), 4)
-            for k, v in evaluate(
-                match_to(vol, truth.delta), truth.delta, reference_binary=metal, exclude_z=exclude_z
-            ).items()
-        }
-        for name, vol in volumes.items()
-    }
+
+    def one(vol):
+        if is_mask(vol):
+            return mask_scores(vol, metal, exclude_z=exclude_z)
+        return evaluate(match_to(vol, truth.delta), truth.delta, reference_binary=metal, exclude_z=exclude_z)
+
+    return {name: {k: round(float(v), 4) for k, v in one(vol).items()} for name, vol in volumes.items()}
 
 
 @dataclass

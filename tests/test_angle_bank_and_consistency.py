@@ -190,10 +190,32 @@ def test_shipped_models_data_consistency_is_the_recorded_solver(tiny_scan):
     volume, refined = engine.volume(), engine.projections()
     kwargs = {"projections": refined, "input_projections": engine.projections(refined=False)}
     shipped = apt_volumes(model, volume, **kwargs)
-    assert set(shipped) == {"apt", "apt-raw"}
+    assert set(shipped) == {"apt", "apt-raw", "apt-metal"}  # the shipped model has a metal rule
     assert data_residual(shipped["apt"], *refined) < data_residual(shipped["apt-raw"], *refined)
     other = copy.copy(model)
     other.io_config = {**model.io_config, "data_consistency": {**dc, "method": "sart", "relaxation": 0.3}}
     swapped = apt_volumes(other, volume, **kwargs)
     np.testing.assert_array_equal(swapped["apt-raw"], shipped["apt-raw"])
     assert not np.allclose(swapped["apt"], shipped["apt"])
+
+
+def test_apt_volumes_add_the_mask_of_the_apt_volume_when_the_model_has_a_rule(tiny_scan):
+    import copy
+
+    from apt_stream.metal_mask import metal_mask
+    from apt_stream.reconstruct import apt_volumes, load_model, score
+
+    model, _ = load_model()
+    engine = approximant_from_scan(tiny_scan, projection_iterations=6)
+    volume = engine.volume()
+    kwargs = {"projections": engine.projections(), "input_projections": engine.projections(refined=False)}
+    bare = copy.copy(model)
+    bare.io_config = {k: v for k, v in model.io_config.items() if k != "metal_mask"}
+    assert set(apt_volumes(bare, volume, **kwargs)) == {"apt", "apt-raw"}
+    ruled = copy.copy(model)
+    ruled.io_config = {**bare.io_config, "metal_mask": {"z_threshold": 1.0, "min_spread": 0.0}}
+    out = apt_volumes(ruled, volume, **kwargs)
+    np.testing.assert_array_equal(out["apt-metal"], metal_mask(out["apt"], 1.0))
+    scores = score(out, tiny_scan.truth)
+    assert set(scores["apt-metal"]) == {"dsc", "ber"}  # scored as a mask, not re-binarised
+    assert set(scores["apt"]) == {"pcc", "ms_ssim", "dsc", "ber"}

@@ -119,8 +119,13 @@ def test_evaluate_quick_look_writes_results_md(tmp_path):
         assert 0.0 < main[method]["pcc"] <= 1.0, (method, main[method])
         assert all(math.isfinite(v) for v in main[method].values())
 
+    # the shipped model's metal rule: its mask and the same cut of SART, scored as masks
+    for mask in ("apt-metal", "sart-metal (same rule)"):
+        assert set(main[mask]) == {"dsc", "ber"} and 0.0 <= main[mask]["ber"] < 0.5, main[mask]
+
     md = (out / "results.md").read_text()
     lines = md.splitlines()
+    assert any(line.startswith("| apt-metal | — | — | ") for line in lines)
     assert "### out-of-family" in md and "### in-family" not in md
     assert "gold standard: SART on 15 angles over ±70.4°" in md
     for method in methods:
@@ -132,3 +137,21 @@ def test_evaluate_quick_look_writes_results_md(tmp_path):
     assert saved["families"]["out-of-family"]["response"] == {}
     for fig in ("fig6b-cross-sections.png", "fig6a-power-spectra.png", "fig7-attention.png"):
         assert (out / "figures" / fig).stat().st_size > 0
+
+
+def test_calibrate_metal_records_the_rule_in_a_copy_and_leaves_the_shipped_model(tmp_path):
+    from apt_stream.reconstruct import DEFAULT_CHECKPOINT
+
+    shipped_before = DEFAULT_CHECKPOINT.read_bytes()
+    out = tmp_path / "calibrated.safetensors"
+    result = _invoke(["model", "calibrate-metal", "--seed", "50000", "--jobs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = _last_json(result.stdout)
+    rule = report["metal_mask"]
+    # one seed: the rule is that seed's best cut, and the error curve is lowest there
+    assert rule["z_threshold"] == report["per_seed_best_z"][0]
+    assert min(report["errors_by_z"].values()) == rule["mean_error_rate"] < 0.5
+    assert rule["min_spread"] > 0 and "50000" in rule["calibrated_on"]
+    model, _ = load_checkpoint(out)
+    assert model.io_config["metal_mask"]["z_threshold"] == rule["z_threshold"]
+    assert DEFAULT_CHECKPOINT.read_bytes() == shipped_before

@@ -155,7 +155,10 @@ def same_angle(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
 
 
 def volume_array(volume: Any, *, name: str) -> np.ndarray:
-    """A (z, y, x) float32 C-contiguous copy-free-if-possible view of a volume, checked."""
+    """A (z, y, x) float32 C-contiguous copy-free-if-possible view of a volume, checked.
+
+    Masks (bool or uint8, e.g. ``apt-metal``) stay uint8: 1 byte a voxel, and 0/1 stays exact.
+    """
     if hasattr(volume, "volume") and callable(volume.volume):
         # The sink passes the run's engine as the Approximant: its volume() is the current mean.
         volume = volume.volume()
@@ -168,7 +171,8 @@ def volume_array(volume: Any, *, name: str) -> np.ndarray:
         raise InputError(f"volume {name!r} must be real numbers, got dtype {arr.dtype}")
     if 0 in arr.shape:
         raise InputError(f"volume {name!r} is empty: shape {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    mask = arr.dtype in (np.bool_, np.uint8)
+    return np.ascontiguousarray(arr, dtype=np.uint8 if mask else np.float32)
 
 
 def voxel_sizes_m(

@@ -9,6 +9,7 @@ Layout (docs/querying.md shows how to search and slice it)::
         angles                 table: angle_id, angle_deg, frames, seconds, loss, loss_pass1
         apt                    (z, y, x) float32, the network's volume
         apt-raw                (z, y, x) float32, the network's output before data consistency
+        apt-metal              (z, y, x) uint8, 1 = metal: apt cut by the model's calibrated rule
         baselines/<name>       (z, y, x) float32, e.g. fbp, sirt (any other volume name)
         metrics                table: one row per volume scored against ground truth
         convergence            table: one row per live convergence estimate (n_angles, angle_deg,
@@ -797,7 +798,7 @@ class TiledPublisher:
                              f"got {name!r}")
         if name in ("approximant", "angles", "metrics", "baselines", "convergence"):
             raise InputError(f"volume name {name!r} is reserved")
-        return name if name in ("apt", "apt-raw") or len(parts) == 2 else f"baselines/{name}"
+        return name if name in ("apt", "apt-raw", "apt-metal") or len(parts) == 2 else f"baselines/{name}"
 
     def _write_volume(self, run: _Run, key: str, arr: np.ndarray, extra: dict[str, Any]) -> None:
         """Overwrite the array in place when its shape is unchanged (one PUT), else recreate."""
