@@ -584,7 +584,10 @@ def write_results_md(summary: dict, path: str | Path, *, command: str) -> Path:
         "alone. All metrics "
         "against the simulator's ground truth δ (metal = Cu/W/Al/Co voxels for DSC/BER, test volumes "
         "binarised by the paper's EM + Bayes rule), every volume first mapped onto the truth's mean "
-        "and spread. Mean over phantoms.",
+        "and spread. Mean over phantoms. `apt-metal` (a model with a calibrated metal rule) is APT's "
+        "own metal mask: the `apt` volume cut at the model's threshold (apt_stream.metal_mask, "
+        "calibrated on in-family validation scans), scored as it is; `sart-metal (same rule)` is the "
+        "same cut of SART's volume.",
         "",
     ]
     for name, fam in summary["families"].items():
