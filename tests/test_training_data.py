@@ -54,7 +54,12 @@ def test_evaluation_path_on_tiny():
 
     # apt-raw (the network alone) is scored beside apt when the model asks for data consistency.
     raw = {"apt-raw"} if dc_sweeps(model) > 0 else set()
-    assert set(result.main) == {"approximant", "apt", "fbp", "sirt", "sart", "gold (SART, all angles)"} | raw
+    # the model's calibrated metal mask, and the same cut of SART, scored as masks
+    masks = {"apt-metal", "sart-metal (same rule)"} if "metal_mask" in model.io_config else set()
+    assert set(result.main) == ({"approximant", "apt", "fbp", "sirt", "sart", "gold (SART, all angles)"}
+                                | raw | masks)
+    for name in masks:
+        assert set(result.main[name]) == {"dsc", "ber"}
     gold, sart = result.main["gold (SART, all angles)"], result.main["sart"]
     # More angles over a wider range must beat the limited-angle scan: the missing wedge.
     assert gold["pcc"] > sart["pcc"] and gold["dsc"] > sart["dsc"]
