@@ -23,7 +23,10 @@ from apt_stream.physics.engine import (
 )
 from apt_stream.physics.multislice import (
     FlatStart,
+    PatchIndex,
     angular_spectrum_kernel,
+    extract_patches,
+    extract_windows,
     flat_start_loss_and_gradient,
     forward_far_field,
     loss_and_gradient,
@@ -122,6 +125,28 @@ def test_flat_start_gradient_equals_the_general_one_at_sub_pixel_positions(n_mod
     assert flat_loss == pytest.approx(loss, rel=1e-5)
     assert float((flat_grad - grad).abs().max() / grad.abs().max()) < 1e-4
     assert float((flat_probes - probes).abs().max() / probes.abs().max()) < 1e-5
+
+
+def test_window_copies_factored_ramps_and_the_adjoint_leave_the_engine_inputs_as_they_were():
+    """The engine's fast paths: window copies equal the flat-index gather bit for bit, the
+    factored shift ramps equal the direct ones to rounding, and the in-place products of the
+    adjoint never touch the caller's probes or object patches."""
+    torch.manual_seed(3)
+    n_slices, b, h = 3, 5, 16
+    slices = torch.randn(n_slices, 40, 37, dtype=torch.complex64)
+    positions = torch.rand(b, 2) * torch.tensor([40 - h, 37 - h])
+    index = PatchIndex.from_positions(positions, (h, h), (40, 37))
+    gathered = extract_patches(slices, index.flat(37), (h, h))
+    assert torch.equal(extract_windows(slices, index.origins(), (h, h)), gathered)
+    direct = shift_ramps(index.frac, (h, h), device="cpu")
+    factored = shift_ramps(index.frac, (h, h), device="cpu", factored=True)
+    assert factored.shape == direct.shape == (b, 1, h, h)
+    assert float((factored - direct).abs().max()) < 1e-5
+    probes = shifted_probes(_probe(frame=h, modes=2), index.frac).contiguous()
+    kept_probes, kept_patches = probes.clone(), gathered.clone()
+    kernel = angular_spectrum_kernel((h, h), pixel_size_m=VOXEL, wavelength_m=LAM, distance_m=2e-6)
+    loss_and_gradient(gathered, probes, torch.rand(b, h, h) * 3, kernel, eps=0.1)
+    assert torch.equal(probes, kept_probes) and torch.equal(gathered, kept_patches)
 
 
 def test_gradient_finite_difference():

@@ -42,6 +42,7 @@ from apt_stream.physics.multislice import (
     PatchIndex,
     angular_spectrum_kernel,
     extract_patches,
+    extract_windows,
     flat_start_loss_and_gradient,
     loss_and_gradient,
     probe_illumination,
@@ -140,8 +141,9 @@ class AngleState:
         )
         self._sqrt_frames: list[torch.Tensor] = []
         self._indices: list[PatchIndex] = []
-        # Sub-pixel-shifted probes per batch, computed once and reused by pass 2.
-        self._probes: list[torch.Tensor] = []
+        # Sub-pixel-shifted probes per batch, one tensor per chunk of chunk_frames frames,
+        # computed once and reused by pass 2.
+        self._probes: list[list[torch.Tensor]] = []
         self._illumination = torch.zeros((1, *self.field_shape), device=self.device)
         self._pass1_grad: torch.Tensor | None = None
         self._flat: FlatStart | None = None
@@ -169,13 +171,15 @@ class AngleState:
             frames_t = torch.fft.ifftshift(frames_t, dim=(-2, -1))
         sqrt_i = torch.sqrt(frames_t)
         index = PatchIndex.from_positions(pos_t, self.frame_hw, self.field_shape).to(self.device)
+        batch_illum = torch.zeros_like(self._illumination)
         if self.options.pass1 == "accumulate":
             # Pass 1 always sees the flat start: the cheaper exact form (FlatStart) applies.
-            grad, loss, probes = self._flat_start_gradient(sqrt_i, index)
+            grad, loss, probes = self._flat_start_gradient(sqrt_i, index, batch_illum)
         else:
-            probes = shifted_probes(self.probe, index.frac).contiguous()
-        batch_illum = torch.zeros_like(self._illumination)
-        scatter_patches(batch_illum, probe_illumination(probes)[None], index.flat(self.field_shape[1]))
+            shifted = shifted_probes(self.probe, index.frac).contiguous()
+            probes = list(torch.split(shifted, self.options.chunk_frames))
+            scatter_patches(batch_illum, probe_illumination(shifted)[None],
+                            index.flat(self.field_shape[1]))
         self._illumination += batch_illum
         self._sqrt_frames.append(sqrt_i)
         self._indices.append(index)
@@ -229,30 +233,34 @@ class AngleState:
         self.losses.append(loss)
 
     def _gradient(
-        self, batches: Sequence[tuple[torch.Tensor, PatchIndex, torch.Tensor]]
+        self, batches: Sequence[tuple[torch.Tensor, PatchIndex, list[torch.Tensor]]]
     ) -> tuple[torch.Tensor, float]:
         """∂L/∂O* summed over ``batches`` at the current slices, and the loss there."""
         n_slices, (ny, nx) = self.n_slices, self.field_shape
         grad = torch.zeros((n_slices, ny, nx), dtype=torch.complex64, device=self.device)
         total = 0.0
         chunk = self.options.chunk_frames
-        for sqrt_i, index, probes in batches:
+        for sqrt_i, index, probe_chunks in batches:
             flat = index.flat(nx)
-            for start in range(0, sqrt_i.shape[0], chunk):
-                sl = slice(start, start + chunk)
-                patches = extract_patches(self.slices, flat[sl], self.frame_hw)
+            origins = index.origins()
+            for k, probes in enumerate(probe_chunks):
+                sl = slice(k * chunk, (k + 1) * chunk)
+                patches = extract_windows(self.slices, origins[sl], self.frame_hw)
                 loss, g = loss_and_gradient(
-                    patches, probes[sl], sqrt_i[sl], self.kernel,
-                    eps=self.options.amplitude_eps,
+                    patches, probes, sqrt_i[sl], self.kernel, eps=self.options.amplitude_eps
                 )
                 total += loss
                 scatter_patches(grad, g, flat[sl])
         return grad, total
 
     def _flat_start_gradient(
-        self, sqrt_i: torch.Tensor, index: PatchIndex
-    ) -> tuple[torch.Tensor, float, torch.Tensor]:
-        """Pass 1's ∂L/∂O* at O = 1 for one batch, its loss and the batch's shifted probes."""
+        self, sqrt_i: torch.Tensor, index: PatchIndex, illumination: torch.Tensor
+    ) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
+        """Pass 1's ∂L/∂O* at O = 1 for one batch, its loss and the shifted probes per chunk.
+
+        Adds the batch's probe illumination into ``illumination`` chunk by chunk, while each
+        chunk's probes are still in cache.
+        """
         if self._flat is None:
             self._flat = FlatStart.build(self.probe, self.kernel, self.n_slices)
         n_slices, (ny, nx) = self.n_slices, self.field_shape
@@ -262,14 +270,15 @@ class AngleState:
         chunk = self.options.chunk_frames
         for start in range(0, sqrt_i.shape[0], chunk):
             sl = slice(start, start + chunk)
-            ramps = shift_ramps(index.frac[sl], self.frame_hw, device=self.device)
+            ramps = shift_ramps(index.frac[sl], self.frame_hw, device=self.device, factored=True)
             loss, g, p = flat_start_loss_and_gradient(
                 self._flat, ramps, sqrt_i[sl], eps=self.options.amplitude_eps
             )
             total += loss
             probes.append(p)
             scatter_patches(grad, g, flat_index[sl])
-        return grad, total, torch.cat(probes) if len(probes) > 1 else probes[0]
+            scatter_patches(illumination, probe_illumination(p)[None], flat_index[sl])
+        return grad, total, probes
 
     def _apply(self, grad: torch.Tensor, illum: torch.Tensor) -> None:
         """The preconditioned step O ← O − (α/L)·∂L/∂O* / (Λ + floor·max Λ)."""
