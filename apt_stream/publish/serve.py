@@ -37,27 +37,23 @@ import socket
 import sqlite3
 import stat
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from apt_stream.errors import ConfigError, ServiceError
+from apt_stream.errors import ConfigError
+from apt_stream.publish.embedded import HOST
 
 log = logging.getLogger(__name__)
 
 #: Where ``apt-stream demo`` writes (its ``--workdir`` default, relative to the working folder).
 DEFAULT_DIR = Path("apt-stream-demo")
 DEFAULT_PORT = 8000
-HOST = "127.0.0.1"
 KEY_FILE = "api_key"
 CATALOG = "catalog.db"
 TABLE_STORE = "storage.duckdb"
-_STARTUP_TIMEOUT_S = 60.0
-#: Seconds open requests get to finish when the server stops.
-_SHUTDOWN_GRACE_S = 5
 
 
 def default_uri(port: int = DEFAULT_PORT) -> str:
@@ -398,24 +394,18 @@ class ResultsServer:
         self.relocation: dict[str, Any] = {}
         self.port: int | None = None
         self.app: Any = None
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._tiled: Any = None  # an apt_stream.publish.embedded.TiledThread while serving
 
     @property
     def uri(self) -> str:
         return default_uri(self.port or self.requested_port)
 
     def start(self) -> ResultsServer:
-        import copy
-
-        import httpx
-        import uvicorn
         from tiled.catalog import from_uri as catalog_from_uri
-        from tiled.config import Authentication, StreamingCacheConfig
-        from tiled.server.app import build_app
-        from tiled.server.logging_config import LOGGING_CONFIG
+        from tiled.config import StreamingCacheConfig
 
-        from apt_stream.publish.server import _SERVER_LOG_FILTER, _filter_server_logs
+        from apt_stream.publish.embedded import TiledThread, tiled_app
+        from apt_stream.publish.server import _SERVER_LOG_FILTER
 
         _check_port_free(self.requested_port)
         self.relocation = relocate_catalog(self.data_dir)
@@ -428,71 +418,26 @@ class ResultsServer:
             init_if_not_exists=False,
             cache_config=StreamingCacheConfig(uri="memory").model_dump(),
         )
-        app = build_app(catalog, authentication=Authentication(single_user_api_key=self.api_key))
+        app = tiled_app(catalog, self.api_key)
         _slice_out_of_range(app)
         self.app = app
-        log_config = copy.deepcopy(LOGGING_CONFIG)
-        for name, file in (("access", "access.log"), ("default", "error.log")):
-            handler = log_config["handlers"][name]
-            handler["class"] = "logging.FileHandler"
-            handler.pop("stream", None)
-            handler["filename"] = str(d / file)
-        for formatter in log_config["formatters"].values():
-            formatter["use_colors"] = False
-        # Ctrl-C must stop the server promptly: a browser tab's keep-alive connection would
-        # otherwise hold uvicorn's graceful shutdown open (seen: > 30 s on a loaded machine).
-        config = uvicorn.Config(_UiTableRows(app), host=HOST, port=self.requested_port, loop="asyncio",
-                                log_config=log_config,  # configures logging now
-                                timeout_graceful_shutdown=_SHUTDOWN_GRACE_S)
         _SERVER_LOG_FILTER.secrets.add(self.api_key)
-        _filter_server_logs(_SERVER_LOG_FILTER)
-        server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # the caller owns Ctrl-C
-        self._server = server
-        self._thread = threading.Thread(target=server.run, name="apt-serve-tiled", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.close()
-                raise ServiceError(f"Tiled did not start on {HOST}:{self.requested_port} "
-                                   f"(see {d / 'error.log'})")
-            time.sleep(0.05)
-        self.port = server.servers[0].sockets[0].getsockname()[1]
-        with httpx.Client(trust_env=False) as client:
-            while True:
-                try:
-                    if client.get(f"http://{HOST}:{self.port}/healthz", timeout=1).status_code \
-                            == 200:
-                        break
-                except httpx.RequestError:
-                    pass
-                if not self._thread.is_alive() or time.monotonic() > deadline:
-                    self.close()
-                    raise ServiceError(f"Tiled on port {self.port} never answered /healthz "
-                                       f"(see {d / 'error.log'})")
-                time.sleep(0.1)
+        self._tiled = TiledThread(_UiTableRows(app), port=self.requested_port, log_folder=d,
+                                  name="apt-serve-tiled", log_filter=_SERVER_LOG_FILTER)
+        self.port = self._tiled.start()
         log.info("serving %s at %s", d, self.uri)
         return self
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._tiled is not None and self._tiled.alive()
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            # uvicorn cancels open requests after the grace; a shutdown stuck beyond that (seen in
-            # CI's full suite, cause not found) must not keep Ctrl-C waiting: the thread is a
-            # daemon and the process may leave without it.
-            self._thread.join(timeout=_SHUTDOWN_GRACE_S + 5)
-            if self._thread.is_alive():
-                log.warning("Tiled's server thread did not stop within %s s; leaving it",
-                            _SHUTDOWN_GRACE_S + 5)
-        self._server = self._thread = None
+        if self._tiled is not None:
+            self._tiled.close()
+        self._tiled = None
 
     def __enter__(self) -> ResultsServer:
-        return self.start() if self._server is None else self
+        return self.start() if self._tiled is None else self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -1,7 +1,8 @@
 """Where results go: an embedded local Tiled server, or a real one given by URI + API key.
 
-The embedded server is tiled's :class:`~tiled.server.SimpleTiledServer` on a background thread:
-an SQLite catalog (``catalog.db``) and file storage (``data/``, plus ``storage.duckdb`` for
+The embedded server is Tiled's app, served by uvicorn from a daemon thread
+(:mod:`apt_stream.publish.embedded`: one table request at a time, bounded shutdown): an SQLite
+catalog (``catalog.db``) and file storage (``data/``, plus ``storage.duckdb`` for
 appendable tables) under one data folder, listening on 127.0.0.1 on a free port. Keep the data
 folder and the scans are still there next time, also after a copy or a move (stored paths
 are pointed at the folder's present place: :func:`apt_stream.publish.serve.relocate_catalog`).
@@ -117,44 +118,55 @@ def local_tiled_server(
     ServiceError
         The server did not come up (its ``error.log`` in the data folder says why).
     """
-    from tiled.server import SimpleTiledServer
+    import shutil
+    import tempfile
+
+    from tiled.catalog import from_uri as catalog_from_uri
+    from tiled.config import StreamingCacheConfig
+
+    from apt_stream.publish.embedded import TiledThread, tiled_app
 
     key = api_key or secrets.token_hex(32)
     if not key.isalnum():
         raise ConfigError("a Tiled API key must be letters and digits only")
-    if data_dir is not None:
-        data_dir = Path(data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if (data_dir / "catalog.db").is_file():  # a copied or moved folder: its own files
-            from apt_stream.publish.serve import relocate_catalog
+    temporary = data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="apt-tiled-") if temporary else data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if (data_dir / "catalog.db").is_file():  # a copied or moved folder: its own files
+        from apt_stream.publish.serve import relocate_catalog
 
-            relocate_catalog(data_dir)
-    # Tiled 0.2.x writes each app's settings (its API key among them) into one process-wide
-    # cached Settings object, so a second embedded server in the same process would make the
-    # first refuse its own key (401). A fresh cache per server gives each app its own object.
-    from tiled.server.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        server = SimpleTiledServer(
-            directory=data_dir, api_key=key,
-            readable_storage=[str(Path(p).resolve()) for p in readable_storage or ()] or None,
-        )
-    except Exception as exc:
-        where = f" (see {data_dir / 'error.log'})" if data_dir is not None else ""
-        raise ServiceError(f"embedded Tiled server did not start: {exc}{where}") from None
+        relocate_catalog(data_dir)
+    (data_dir / "data").mkdir(exist_ok=True)
     # The server logs to error.log / access.log in its folder; a browser that opens a
     # ``?api_key=`` link would put the key there. Redact it (and any other key) on the way out.
     _SERVER_LOG_FILTER.secrets.add(key)
-    _filter_server_logs(_SERVER_LOG_FILTER)
-    endpoint = TiledEndpoint(
-        uri=f"http://127.0.0.1:{server.port}/api/v1", api_key=key, data_dir=Path(server.directory)
-    )
-    log.info("embedded Tiled server at %s, data in %s", endpoint.uri, endpoint.data_dir)
+    server = None
     try:
+        try:
+            catalog = catalog_from_uri(
+                data_dir / "catalog.db",
+                writable_storage=[data_dir / "data", f"duckdb:///{data_dir / 'storage.duckdb'}"],
+                readable_storage=[str(Path(p).resolve()) for p in readable_storage or ()] or None,
+                init_if_not_exists=True,
+                cache_config=StreamingCacheConfig(uri="memory").model_dump(),
+            )
+            server = TiledThread(tiled_app(catalog, key), port=0, log_folder=data_dir,
+                                 name="apt-tiled", log_filter=_SERVER_LOG_FILTER)
+            port = server.start()
+        except ServiceError:
+            raise
+        except Exception as exc:
+            raise ServiceError(f"embedded Tiled server did not start: {exc} "
+                               f"(see {data_dir / 'error.log'})") from None
+        endpoint = TiledEndpoint(uri=f"http://127.0.0.1:{port}/api/v1", api_key=key,
+                                 data_dir=data_dir)
+        log.info("embedded Tiled server at %s, data in %s", endpoint.uri, endpoint.data_dir)
         yield endpoint
     finally:
-        server.close()
+        if server is not None:
+            server.close()
+        if temporary:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 #: Appendable tables in Tiled's embedded (and default SQL) storage live in DuckDB behind one
@@ -254,14 +266,7 @@ class RedactingFilter(logging.Filter):
 
 
 #: Tiled's and uvicorn's loggers (the embedded server's error.log and access.log).
-_SERVER_LOGGERS = ("tiled", "uvicorn", "uvicorn.error", "uvicorn.access")
 _SERVER_LOG_FILTER = RedactingFilter()
-
-
-def _filter_server_logs(log_filter: logging.Filter) -> None:
-    for name in _SERVER_LOGGERS:
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(log_filter)  # no-op if already there
 
 
 class RedactingStream(io.TextIOBase):
