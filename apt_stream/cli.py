@@ -587,6 +587,10 @@ def proxy(
         console.print("proxy stopped")
 
 
+#: Seconds after Ctrl-C / SIGTERM by which ``apt-stream serve`` has ended, whatever hangs.
+_SERVE_EXIT_DEADLINE_S = 15.0
+
+
 @app.command()
 def serve(
     folder: Annotated[Path, typer.Argument(help="Results folder: a Tiled catalog, or one with "
@@ -598,7 +602,8 @@ def serve(
     with _errors():
         from apt_stream.publish.serve import serve as serve_folder
 
-        serve_folder(folder, port=port, say=lambda text: print(text, flush=True))
+        serve_folder(folder, port=port, say=lambda text: print(text, flush=True),
+                     exit_deadline_s=_SERVE_EXIT_DEADLINE_S)
     # The server is closed. A request handler stuck in a worker thread would make the interpreter
     # wait for it at exit (concurrent.futures joins its threads), so Ctrl-C would not stop the
     # command (seen in CI: > 30 s after SIGINT); leave now, after flushing what was written.

@@ -285,7 +285,7 @@ def test_serve_a_moved_demo_folder_arrays_table_ui_and_snippet(demo, tmp_path):
         out = run_python(serve.snippet(), clean_env(), cwd=tmp_path)
         assert f"{run_uid} done 7" in out and "angle_deg" in out
     finally:
-        assert serve.stop() == 0
+        assert serve.stop() == 0, "".join(serve.lines[-40:])
 
     # The access log has the UI request, with the key redacted.
     access = (moved / tiled_dir.name / "access.log").read_text()
@@ -299,7 +299,7 @@ def test_serve_a_moved_demo_folder_arrays_table_ui_and_snippet(demo, tmp_path):
         node = connect(TiledEndpoint(again.field("API"), api_key=key))[run_uid]
         assert len(node["angles"].read()) == 7
     finally:
-        assert again.stop() == 0
+        assert again.stop() == 0, "".join(again.lines[-40:])
 
 
 def test_relocation_is_idempotent_and_leaves_foreign_paths(demo, tmp_path):

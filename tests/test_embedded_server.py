@@ -133,3 +133,27 @@ def test_close_returns_while_a_request_is_stuck(tmp_path, stuck, caplog):
     release.set()
     thread.join(15)
     assert not thread.is_alive()
+
+
+_HUNG_CLOSE = textwrap.dedent("""
+    import sys, threading, time
+    import apt_stream.publish.serve as serve
+    serve.ResultsServer.close = lambda self: time.sleep(3600)  # a shutdown that never ends
+    stop = threading.Event()
+    threading.Timer(1, stop.set).start()
+    serve.serve(sys.argv[1], port=0, say=lambda text: None, stop=stop, exit_deadline_s=2)
+    print("serve returned")
+""")
+
+
+def test_serve_ends_the_process_by_its_deadline_when_closing_hangs(tmp_path):
+    from apt_stream.publish.server import local_tiled_server
+
+    with local_tiled_server(tmp_path / "tiled"):
+        pass
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _HUNG_CLOSE, str(tmp_path / "tiled")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "serve returned" not in done.stdout  # the watchdog ended it, close() never returned
+    assert time.monotonic() - t0 < 60

@@ -470,8 +470,14 @@ class ResultsServer:
 
 
 def serve(folder: str | os.PathLike = DEFAULT_DIR, *, port: int = DEFAULT_PORT,
-          say: Callable[[str], None] = print, stop: threading.Event | None = None) -> None:
-    """Serve ``folder`` until Ctrl-C / SIGTERM (or ``stop`` is set)."""
+          say: Callable[[str], None] = print, stop: threading.Event | None = None,
+          exit_deadline_s: float | None = None) -> None:
+    """Serve ``folder`` until Ctrl-C / SIGTERM (or ``stop`` is set).
+
+    ``exit_deadline_s``: for a command that ends when this returns, a daemon timer ends the
+    process (``os._exit(0)``) that many seconds after the stop began, should closing the server
+    hang (seen once in CI under load: still running 30 s after SIGINT, cause not found).
+    """
     import signal
 
     stop = stop or threading.Event()
@@ -486,6 +492,10 @@ def serve(folder: str | os.PathLike = DEFAULT_DIR, *, port: int = DEFAULT_PORT,
     except KeyboardInterrupt:
         pass
     finally:
+        if exit_deadline_s is not None:
+            watchdog = threading.Timer(exit_deadline_s, os._exit, args=(0,))
+            watchdog.daemon = True
+            watchdog.start()
         server.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
