@@ -157,3 +157,26 @@ def test_serve_ends_the_process_by_its_deadline_when_closing_hangs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "serve returned" not in done.stdout  # the watchdog ended it, close() never returned
     assert time.monotonic() - t0 < 60
+
+
+def test_ctrl_c_stops_serve_even_when_it_was_started_with_sigint_ignored(tmp_path):
+    """A child inherits an ignored SIGINT; `apt-stream serve` must still stop on Ctrl-C."""
+    import signal
+
+    from apt_stream.publish.server import local_tiled_server
+
+    with local_tiled_server(tmp_path / "tiled"):
+        pass
+    exe = os.path.join(os.path.dirname(sys.executable), "apt-stream")
+    proc = subprocess.Popen([exe, "serve", str(tmp_path / "tiled"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        for line in proc.stdout:
+            if line.startswith("Ctrl-C stops"):
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -482,9 +482,13 @@ def serve(folder: str | os.PathLike = DEFAULT_DIR, *, port: int = DEFAULT_PORT,
 
     stop = stop or threading.Event()
     server = ResultsServer(folder, port=port).start()
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # Ctrl-C as well as SIGTERM: a process started by one that ignores SIGINT inherits
+        # SIG_IGN, and Python then raises no KeyboardInterrupt (seen in CI: the command was still
+        # running 30 s after SIGINT when a test suite had set SIGINT to ignored).
+        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         say(server.banner())
         while server.alive() and not stop.wait(0.5):
@@ -497,5 +501,5 @@ def serve(folder: str | os.PathLike = DEFAULT_DIR, *, port: int = DEFAULT_PORT,
             watchdog.daemon = True
             watchdog.start()
         server.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
