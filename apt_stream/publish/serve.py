@@ -476,7 +476,7 @@ def serve(folder: str | os.PathLike = DEFAULT_DIR, *, port: int = DEFAULT_PORT,
 
     ``exit_deadline_s``: for a command that ends when this returns, a daemon timer ends the
     process (``os._exit(0)``) that many seconds after the stop began, should closing the server
-    hang (seen once in CI under load: still running 30 s after SIGINT, cause not found).
+    hang (a safety net: the one such hang seen in CI was an ignored SIGINT, handled below).
     """
     import signal
 
