@@ -35,6 +35,10 @@ from apt_stream.errors import ServiceError
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+#: A results folder: the catalog's SQLite file and the DuckDB file of its appendable tables
+#: (arrays go under ``data/``).
+CATALOG = "catalog.db"
+TABLE_STORE = "storage.duckdb"
 STARTUP_TIMEOUT_S = 60.0
 #: Seconds open requests get to finish when the server stops.
 SHUTDOWN_GRACE_S = 5
@@ -82,6 +86,26 @@ def file_log_config(folder: Path) -> dict[str, Any]:
     for formatter in config["formatters"].values():
         formatter["use_colors"] = False
     return config
+
+
+def results_catalog(folder: Path, *, readable_storage: list[str] | None, create: bool) -> Any:
+    """The Tiled catalog of a results folder (``CATALOG``, ``data/``, ``TABLE_STORE``).
+
+    ``create`` makes an empty catalog where there is none (the demo's writable server);
+    ``apt-stream serve`` opens an existing one. ``readable_storage``: folders whose files the
+    catalog may register in place (raw detector files).
+    """
+    from tiled.catalog import from_uri
+    from tiled.config import StreamingCacheConfig
+
+    folder = Path(folder)
+    return from_uri(
+        folder / CATALOG,
+        writable_storage=[folder / "data", f"duckdb:///{folder / TABLE_STORE}"],
+        readable_storage=readable_storage or None,
+        init_if_not_exists=create,
+        cache_config=StreamingCacheConfig(uri="memory").model_dump(),
+    )
 
 
 def tiled_app(catalog: Any, api_key: str) -> Any:

@@ -44,7 +44,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from apt_stream.errors import ConfigError
-from apt_stream.publish.embedded import HOST
+from apt_stream.publish.embedded import CATALOG, HOST
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DIR = Path("apt-stream-demo")
 DEFAULT_PORT = 8000
 KEY_FILE = "api_key"
-CATALOG = "catalog.db"
-TABLE_STORE = "storage.duckdb"
 
 
 def default_uri(port: int = DEFAULT_PORT) -> str:
@@ -401,23 +399,15 @@ class ResultsServer:
         return default_uri(self.port or self.requested_port)
 
     def start(self) -> ResultsServer:
-        from tiled.catalog import from_uri as catalog_from_uri
-        from tiled.config import StreamingCacheConfig
-
-        from apt_stream.publish.embedded import TiledThread, tiled_app
+        from apt_stream.publish.embedded import TiledThread, results_catalog, tiled_app
         from apt_stream.publish.server import _SERVER_LOG_FILTER
 
         _check_port_free(self.requested_port)
         self.relocation = relocate_catalog(self.data_dir)
         d = self.data_dir
-        catalog = catalog_from_uri(
-            d / CATALOG, writable_storage=[d / "data", f"duckdb:///{d / TABLE_STORE}"],
-            # The raw runs' detector files (apt_stream.publish.raw) sit beside the catalog
-            # folder (the demo's run-NNN/runs/...).
-            readable_storage=[str(d.parent)],
-            init_if_not_exists=False,
-            cache_config=StreamingCacheConfig(uri="memory").model_dump(),
-        )
+        # The raw runs' detector files (apt_stream.publish.raw) sit beside the catalog folder
+        # (the demo's run-NNN/runs/...).
+        catalog = results_catalog(d, readable_storage=[str(d.parent)], create=False)
         app = tiled_app(catalog, self.api_key)
         _slice_out_of_range(app)
         self.app = app

@@ -121,10 +121,7 @@ def local_tiled_server(
     import shutil
     import tempfile
 
-    from tiled.catalog import from_uri as catalog_from_uri
-    from tiled.config import StreamingCacheConfig
-
-    from apt_stream.publish.embedded import TiledThread, tiled_app
+    from apt_stream.publish.embedded import CATALOG, TiledThread, results_catalog, tiled_app
 
     key = api_key or secrets.token_hex(32)
     if not key.isalnum():
@@ -132,7 +129,7 @@ def local_tiled_server(
     temporary = data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="apt-tiled-") if temporary else data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    if (data_dir / "catalog.db").is_file():  # a copied or moved folder: its own files
+    if (data_dir / CATALOG).is_file():  # a copied or moved folder: its own files
         from apt_stream.publish.serve import relocate_catalog
 
         relocate_catalog(data_dir)
@@ -143,12 +140,9 @@ def local_tiled_server(
     server = None
     try:
         try:
-            catalog = catalog_from_uri(
-                data_dir / "catalog.db",
-                writable_storage=[data_dir / "data", f"duckdb:///{data_dir / 'storage.duckdb'}"],
-                readable_storage=[str(Path(p).resolve()) for p in readable_storage or ()] or None,
-                init_if_not_exists=True,
-                cache_config=StreamingCacheConfig(uri="memory").model_dump(),
+            catalog = results_catalog(
+                data_dir, create=True,
+                readable_storage=[str(Path(p).resolve()) for p in readable_storage or ()],
             )
             server = TiledThread(tiled_app(catalog, key), port=0, log_folder=data_dir,
                                  name="apt-tiled", log_filter=_SERVER_LOG_FILTER)
