@@ -212,7 +212,7 @@ def approximant(
 ) -> None:
     """Compute the multislice Approximant of a scan (optionally of an angle subset)."""
     with _errors():
-        from apt_stream.pipeline import approximant_of_file
+        from apt_stream.offline_approximant import approximant_of_file
 
         result = approximant_of_file(
             scan_path, output, n_angles=angles, range_deg=range_deg, batch_size=batch_size,
@@ -295,7 +295,7 @@ def demo(
 
     with _errors():
         if offline:
-            from apt_stream.pipeline import offline_demo
+            from apt_stream.offline_demo import offline_demo
 
             summary = offline_demo(workdir, preset=preset, seed=seed, progress_factory=progress_bar)
         else:

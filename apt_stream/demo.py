@@ -261,7 +261,7 @@ def _live(*, p, rate_hz, checkpoint, baselines, say, progress_factory, live_ever
             stdout=beam_log, stderr=subprocess.STDOUT, text=True,
         )
         stack.callback(lambda: beamline.poll() is None and beamline.kill())
-        from apt_stream.pipeline import progress_context
+        from apt_stream.progress import progress_context
 
         # A bar of frames received by the listener while the beamline acquires.
         with progress_context(progress_factory, "frames received") as update:

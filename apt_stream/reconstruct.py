@@ -204,7 +204,8 @@ def reconstruct_scan(
     progress_factory: Callable | None = None,
 ) -> Reconstruction:
     """Approximant over the chosen angles, the APT volume, and optionally FBP/SIRT/SART."""
-    from apt_stream.pipeline import approximant_of_scan, progress_context
+    from apt_stream.offline_approximant import approximant_of_scan
+    from apt_stream.progress import progress_context
 
     model, meta = load_model(checkpoint, device=device)
     from apt_stream.physics.consistency import DC_PROJECTION_ITERATIONS

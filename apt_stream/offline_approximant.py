@@ -1,31 +1,19 @@
-"""Offline pipelines that string the library together for the CLI (no services involved).
+"""The Approximant of a scan without services: ``apt-stream approximant`` and the offline paths.
 
-``approximant_of_file``: scan file → (angle subset) → streaming engine → volume file (+ PNG).
-``offline_demo``: simulate the demo scans, compute the Approximant, write volumes and a PNG; the
-live demo (Tiled, Prefect, ZMQ) builds on top of this in ``apt_stream.demo``.
+``approximant_of_scan``: a ScanData → (angle subset) → streaming engine, as the live listener
+runs it. ``approximant_of_file``: scan file → the same → volume file (+ PNG).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from apt_stream.config import select_angles
-
-
-@contextmanager
-def progress_context(progress_factory: Callable | None, description: str) -> Iterator:
-    """Yield an ``update(done, total)`` callback (or None) from a CLI progress-bar factory."""
-    if progress_factory is None:
-        yield None
-        return
-    bar, update = progress_factory(description)
-    with bar:
-        yield update
+from apt_stream.progress import progress_context
 
 
 def approximant_of_scan(
@@ -115,48 +103,3 @@ def approximant_of_file(
                            voxel_size_m=scan.object_pixel_m)
         result["png"] = str(png)
     return result
-
-
-def offline_demo(
-    workdir: str | Path,
-    *,
-    preset: str = "demo",
-    seed: int = 1000,
-    progress_factory: Callable | None = None,
-) -> dict:
-    """Simulate the preset's N* scan, compute its Approximant and write volumes + a PNG."""
-    from apt_stream.config import get_preset
-    from apt_stream.io import write_scan, write_volumes
-    from apt_stream.metrics import pcc
-    from apt_stream.sim.acquire import simulate_scan
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    p = get_preset(preset)
-    with progress_context(progress_factory, f"simulating {p.name} scan") as update:
-        scan = simulate_scan(p, seed=seed, progress=update)
-    scan_path = write_scan(workdir / "scan.h5", scan)
-    engine, indices, seconds = approximant_of_scan(scan, progress_factory=progress_factory)
-    volume = engine.volume()
-    write_volumes(
-        workdir / "approximant.h5", {"approximant": volume},
-        voxel_size_m=scan.object_pixel_m, attrs={"seconds": seconds},
-    )
-    from apt_stream.figures import cross_sections_png
-
-    png = cross_sections_png(
-        {"Approximant": volume, "ground truth δ": scan.truth.delta},
-        workdir / "approximant.png",
-        title=f"{p.name}: {len(indices)} angles over ±{p.scan.angle_range_deg}°",
-        voxel_size_m=scan.object_pixel_m,
-    )
-    return {
-        "scan": str(scan_path),
-        "png": str(png),
-        "angles": int(len(indices)),
-        "frames": int(scan.n_frames),
-        "simulation_seconds": scan.provenance.get("simulation_seconds"),
-        "approximant_seconds": round(seconds, 2),
-        "frames_per_second": round(scan.n_frames / seconds, 1),
-        "approximant_pcc_vs_truth": round(float(pcc(volume, scan.truth.delta)), 4),
-    }
