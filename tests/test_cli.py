@@ -83,6 +83,22 @@ def test_approximant_too_many_angles_is_a_clear_error(tiny_scan_file, tmp_path):
     assert "asked for 50 angles" in result.output
 
 
+def test_offline_demo_writes_scan_volume_and_png_without_services(tmp_path):
+    """``apt-stream demo --offline`` (docs/demo.md): no Tiled, Prefect or 0MQ, all files kept."""
+    work = tmp_path / "offline"
+    result = runner.invoke(app, ["demo", "--offline", "--preset", "tiny", "--workdir", str(work)])
+    assert result.exit_code == 0, result.output
+    summary = _json_tail(result.output)
+    assert summary["angles"] == validate_scan(work / "scan.h5")["n_angles"] == 7
+    assert summary["frames"] > 0 and summary["frames_per_second"] > 0
+    volumes, attrs = read_volumes(work / "approximant.h5")
+    assert np.isfinite(volumes["approximant"]).all()
+    # the Approximant follows the phantom (the tiny preset's gives ~0.4)
+    assert summary["approximant_pcc_vs_truth"] > 0.2
+    assert (work / "approximant.png").stat().st_size > 10_000
+    assert not (work / "tiled").exists() and not (work / "prefect").exists()
+
+
 def test_unknown_preset_lists_valid_names(tmp_path):
     result = runner.invoke(app, ["simulate", str(tmp_path / "x.h5"), "--preset", "huge"])
     assert result.exit_code == 1
