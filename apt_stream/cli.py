@@ -199,6 +199,10 @@ def check(
             raise typer.Exit(2)
 
 
+#: Every command that computes: checked by apt_stream.devices.resolve_device before any work.
+_DEVICE = Annotated[str, typer.Option(help="Where to compute: cpu, cuda, cuda:N or auto (auto: "
+                                      "CUDA when torch sees a GPU, else cpu).")]
+
 @app.command()
 def approximant(
     scan_path: Annotated[Path, typer.Argument(help="Scan file (.h5).")],
@@ -209,14 +213,16 @@ def approximant(
         int | None, typer.Option(help="Stream frames in batches of this size (default: whole angle).")
     ] = None,
     png: Annotated[Path | None, typer.Option(help="Also write cross-sections to this PNG.")] = None,
+    device: _DEVICE = "auto",
 ) -> None:
     """Compute the multislice Approximant of a scan (optionally of an angle subset)."""
     with _errors():
+        from apt_stream.devices import resolve_device
         from apt_stream.offline_approximant import approximant_of_file
 
         result = approximant_of_file(
             scan_path, output, n_angles=angles, range_deg=range_deg, batch_size=batch_size,
-            png=png, progress_factory=progress_bar,
+            png=png, progress_factory=progress_bar, device=str(resolve_device(device)),
         )
         _print_json(result)
 
@@ -269,6 +275,7 @@ def demo(
     ] = None,
     stop_change_tol: _STOP_CHANGE_TOL = None,
     stop_patience: _STOP_PATIENCE = None,
+    device: _DEVICE = "auto",
 ) -> None:
     """The live demo on loopback: Tiled, Prefect, 0MQ, a simulated beamline, APT, summary."""
     if not adaptive and (stop_change_tol is not None or stop_patience is not None):
@@ -295,9 +302,11 @@ def demo(
 
     with _errors():
         if offline:
+            from apt_stream.devices import resolve_device
             from apt_stream.offline_demo import offline_demo
 
-            summary = offline_demo(workdir, preset=preset, seed=seed, progress_factory=progress_bar)
+            summary = offline_demo(workdir, preset=preset, seed=seed, progress_factory=progress_bar,
+                                   device=str(resolve_device(device)))
         else:
             from apt_stream.demo import live_demo
 
@@ -306,7 +315,7 @@ def demo(
                 baselines=baselines, say=lambda msg: console.print(f"[bold cyan]{msg}[/]"),
                 progress_factory=progress_bar, ephemeral=ephemeral,
                 keep_serving=hold if keep_serving else None, workers=workers,
-                adaptive=adaptive, n_angles=angles,
+                adaptive=adaptive, n_angles=angles, device=device,
                 stop_rule={k: v for k, v in (("stop_change_tol", stop_change_tol),
                                              ("stop_patience", stop_patience)) if v is not None},
             )
@@ -338,6 +347,7 @@ def reconstruct(
     api_key: Annotated[str | None, typer.Option(
         help="tiled://: Tiled API key (default $APT_STREAM_TILED_API_KEY; the variable keeps it "
              "out of the process list).")] = None,
+    device: _DEVICE = "auto",
 ) -> None:
     """Approximant → APT network (→ baselines) on the scan's angles (or N within ±RANGE); writes volumes.
 
@@ -345,13 +355,16 @@ def reconstruct(
     engine, trigger and Tiled publishing) and its result links back to the raw run.
     """
     with _errors():
+        from apt_stream.devices import resolve_device
+
+        device = str(resolve_device(device))
         if "://" in scan_path:
             from apt_stream.cli_tiled import reconstruct_tiled
 
             summary = reconstruct_tiled(
                 scan_path, data_roots=data_root, api_key=api_key, n_star=angles,
                 theta_star_deg=range_deg, checkpoint=checkpoint, output=output,
-                baselines=baselines, png=png)
+                baselines=baselines, png=png, device=device)
             _print_json(summary)
             if summary["status"] not in ("done", "done_with_gaps"):
                 from apt_stream.errors import InputError
@@ -367,7 +380,7 @@ def reconstruct(
 
         summary = reconstruct_file(
             Path(scan_path), output, n_angles=angles, range_deg=range_deg, checkpoint=checkpoint,
-            with_baselines=baselines, png=png, progress_factory=progress_bar,
+            with_baselines=baselines, png=png, progress_factory=progress_bar, device=device,
         )
         _print_json(summary)
 
@@ -668,7 +681,7 @@ def listen(
         int | None, typer.Option(help="Interim APT previews every K finished angles.")
     ] = None,
     max_runs: Annotated[int | None, typer.Option(help="Stop after this many scans.")] = None,
-    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    device: _DEVICE = "auto",
     stop_grace: Annotated[
         float, typer.Option(min=0.0, help="Seconds a graceful stop (SIGINT/SIGTERM) may take; then it exits.")
     ] = 3.0,
@@ -762,7 +775,10 @@ def listen(
             from apt_stream.flows.settings import apply_offline_env
 
             apply_offline_env()
-            say(f"starting: {zmq} (N* = {n_star}, θ* = ±{theta_star}°)")
+            from apt_stream.devices import resolve_device
+
+            device = str(resolve_device(device))  # a wrong --device: one line, before Prefect
+            say(f"starting: {zmq} (N* = {n_star}, θ* = ±{theta_star}°, on {device})")
             with prefect_api(should_abort=stop.is_set, while_starting=warm_imports,
                              say=say) as api:
                 from apt_stream.flows.listen import ListenConfig, LiveResources

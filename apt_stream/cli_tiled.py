@@ -14,7 +14,8 @@ from apt_stream.errors import InputError
 def reconstruct_tiled(uri: str, *, data_roots: Sequence[str | os.PathLike] | None,
                       api_key: str | None, n_star: int | None, theta_star_deg: float | None,
                       checkpoint: str | os.PathLike | None, output: Path | None = None,
-                      baselines: bool = False, png: Path | None = None) -> dict[str, Any]:
+                      baselines: bool = False, png: Path | None = None,
+                      device: str = "cpu") -> dict[str, Any]:
     """Reconstruct the stored run ``uri``; the key from ``api_key`` or $APT_STREAM_TILED_API_KEY."""
     from apt_stream.flows.settings import apply_offline_env
     from apt_stream.publish.server import API_KEY_ENV
@@ -41,7 +42,7 @@ def reconstruct_tiled(uri: str, *, data_roots: Sequence[str | os.PathLike] | Non
 
     config = StoredRunConfig(
         data_roots=[str(p) for p in data_roots],
-        checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint=str(checkpoint) if checkpoint else None, device=device,
         **({"n_star": n_star} if n_star is not None else {}),
         **({"theta_star_deg": theta_star_deg} if theta_star_deg is not None else {}),
     )

@@ -36,14 +36,6 @@ DEFAULT_RATE_HZ = 40.0
 DEMO_LIVE_EVERY = 10
 
 
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
 
 def next_run_dir(work: Path) -> Path:
     """A new ``run-NNN`` folder under the demo folder: one per demo run, so a second run's scan,
@@ -88,6 +80,7 @@ def live_demo(
     adaptive: bool = False,
     n_angles: int | None = None,
     stop_rule: dict | None = None,
+    device: str | None = None,
 ) -> dict:
     """Run the live demo end to end; returns the summary printed by the CLI.
 
@@ -129,14 +122,14 @@ def live_demo(
     p = get_preset(preset)
     if n_angles is not None:
         p = p.model_copy(update={"scan": p.scan.model_copy(update={"n_angles": int(n_angles)})})
-    device = "cpu"
-    if p.name == "paper":
-        if not _has_gpu():
-            raise ConfigError(
-                "the paper preset needs a GPU (349 angles of 128² frames, 12 probe modes: hours "
-                "on a CPU); this machine has none. Use --preset demo (minutes) or tiny (seconds)"
-            )
-        device = "cuda"
+    from apt_stream.devices import resolve_device
+
+    if p.name == "paper" and resolve_device("auto").type != "cuda":
+        raise ConfigError(
+            "the paper preset needs a GPU (349 angles of 128² frames, 12 probe modes: hours "
+            "on a CPU); this machine has none. Use --preset demo (minutes) or tiny (seconds)"
+        )
+    device = str(resolve_device(device))
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     run_dir = next_run_dir(work)

@@ -24,6 +24,7 @@ def approximant_of_scan(
     batch_size: int | None = None,
     projection_iterations: int | None = None,
     progress_factory: Callable | None = None,
+    device: str = "cpu",
 ):
     """Approximant of a ScanData; returns (engine, chosen angle indices, seconds).
 
@@ -42,7 +43,7 @@ def approximant_of_scan(
     with progress_context(progress_factory, f"Approximant ({len(indices)} angles)") as update:
         engine = approximant_from_scan(
             scan, angle_indices=indices, batch_size=batch_size, progress=update,
-            projection_iterations=projection_iterations,
+            projection_iterations=projection_iterations, device=device,
         )
     return engine, indices, time.perf_counter() - t0
 
@@ -56,6 +57,7 @@ def approximant_of_file(
     batch_size: int | None = None,
     png: str | Path | None = None,
     progress_factory: Callable | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Read a scan, compute its Approximant over the chosen angles and write a volume file."""
     from apt_stream.io import read_scan, write_volumes
@@ -64,7 +66,7 @@ def approximant_of_file(
     scan = read_scan(scan_path)
     engine, indices, seconds = approximant_of_scan(
         scan, n_angles=n_angles, range_deg=range_deg, batch_size=batch_size,
-        progress_factory=progress_factory,
+        progress_factory=progress_factory, device=device,
     )
     volume = engine.volume()
     chosen = scan.angles_deg[indices]
@@ -74,6 +76,7 @@ def approximant_of_file(
         "n_angles": int(len(indices)),
         "seconds": round(seconds, 3),
         "batch_size": batch_size or 0,
+        "device": str(device),
     }
     volumes = {"approximant": volume, "count": engine.accumulator.count_volume()}
     result = {

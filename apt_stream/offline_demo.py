@@ -18,6 +18,7 @@ def offline_demo(
     preset: str = "demo",
     seed: int = 1000,
     progress_factory: Callable | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Simulate the preset's N* scan, compute its Approximant and write volumes + a PNG."""
     from apt_stream.config import get_preset
@@ -31,7 +32,8 @@ def offline_demo(
     with progress_context(progress_factory, f"simulating {p.name} scan") as update:
         scan = simulate_scan(p, seed=seed, progress=update)
     scan_path = write_scan(workdir / "scan.h5", scan)
-    engine, indices, seconds = approximant_of_scan(scan, progress_factory=progress_factory)
+    engine, indices, seconds = approximant_of_scan(scan, progress_factory=progress_factory,
+                                                   device=device)
     volume = engine.volume()
     write_volumes(
         workdir / "approximant.h5", {"approximant": volume},
@@ -50,6 +52,7 @@ def offline_demo(
         "png": str(png),
         "angles": int(len(indices)),
         "frames": int(scan.n_frames),
+        "device": str(device),
         "simulation_seconds": scan.provenance.get("simulation_seconds"),
         "approximant_seconds": round(seconds, 2),
         "frames_per_second": round(scan.n_frames / seconds, 1),

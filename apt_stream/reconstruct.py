@@ -106,15 +106,16 @@ def is_mask(volume: np.ndarray) -> bool:
 
 
 def baseline_volumes(
-    angles_deg: np.ndarray, projections: np.ndarray, shape_zyx, *, which=BASELINES
+    angles_deg: np.ndarray, projections: np.ndarray, shape_zyx, *, which=BASELINES,
+    device: str | None = None,
 ) -> dict[str, np.ndarray]:
     """FBP, SIRT and SART (non-negative) from projections (N, ny, W) at ``angles_deg``."""
     from apt_stream.physics import tomo
 
     makers = {
-        "fbp": lambda: tomo.fbp(projections, angles_deg, shape_zyx),
-        "sirt": lambda: tomo.sirt(projections, angles_deg, shape_zyx, nonneg=True),
-        "sart": lambda: tomo.sart(projections, angles_deg, shape_zyx, nonneg=True),
+        "fbp": lambda: tomo.fbp(projections, angles_deg, shape_zyx, device=device),
+        "sirt": lambda: tomo.sirt(projections, angles_deg, shape_zyx, nonneg=True, device=device),
+        "sart": lambda: tomo.sart(projections, angles_deg, shape_zyx, nonneg=True, device=device),
     }
     return {name: np.asarray(makers[name](), dtype=np.float32) for name in which}
 
@@ -214,7 +215,7 @@ def reconstruct_scan(
     wants = with_baselines or dc_sweeps(model) > 0
     engine, indices, t_apx = approximant_of_scan(
         scan, n_angles=n_angles, range_deg=range_deg, progress_factory=progress_factory,
-        projection_iterations=DC_PROJECTION_ITERATIONS if wants else None,
+        projection_iterations=DC_PROJECTION_ITERATIONS if wants else None, device=device,
     )
     approximant = engine.volume()
     t0 = time.perf_counter()
@@ -227,7 +228,8 @@ def reconstruct_scan(
     if with_baselines:
         t0 = time.perf_counter()
         angles, projections = engine.projections()  # the same six-iteration projections as DC
-        volumes.update(baseline_volumes(angles, projections, scan.volume_shape_zyx))
+        volumes.update(baseline_volumes(angles, projections, scan.volume_shape_zyx,
+                                        device=device))
         timings["baselines_s"] = time.perf_counter() - t0
     note = metrics_skipped(scan.truth) if scan.truth is not None else None
     metrics = score(volumes, scan.truth) if scan.truth is not None and note is None else None
@@ -247,13 +249,14 @@ def reconstruct_file(
     with_baselines: bool = False,
     png: str | Path | None = None,
     progress_factory: Callable | None = None,
+    device: str = "cpu",
 ) -> dict:
     from apt_stream.io import read_scan, write_volumes
 
     scan = read_scan(scan_path)
     rec = reconstruct_scan(
         scan, n_angles=n_angles, range_deg=range_deg, checkpoint=checkpoint,
-        with_baselines=with_baselines, progress_factory=progress_factory,
+        with_baselines=with_baselines, progress_factory=progress_factory, device=device,
     )
     meta = rec.model_meta or {}
     attrs = {
@@ -262,6 +265,7 @@ def reconstruct_file(
         "model": meta.get("preset", "?"),
         "model_sha256": meta.get("sha256", ""),
         "timings": {k: round(v, 3) for k, v in rec.timings.items()},
+        "device": str(device),
     }
     if rec.metrics:
         attrs["metrics"] = rec.metrics

@@ -32,6 +32,23 @@ class RunSetup:
     device: str = "cpu"
 
 
+def _this_workers(device: str):
+    """``device`` for this worker: plain ``cuda`` becomes this worker's share of the GPUs.
+
+    A LocalCluster names its workers 0, 1, …; a worker with another name (one started by hand
+    or by dask-cuda, which gives each worker one visible GPU) keeps GPU 0 of what it sees.
+    """
+    from apt_stream.devices import worker_device
+
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not on a worker (called in-process by a test)
+        name = 0
+    return worker_device(device, name if isinstance(name, int) else 0)
+
+
 _ENGINES: dict[str, StreamingApproximant] = {}
 _ARRIVALS: dict[tuple[str, int], _Arrivals] = {}
 _LOCK = threading.Lock()
@@ -45,7 +62,7 @@ def _engine(setup: RunSetup) -> StreamingApproximant:
 
             torch.set_num_threads(max(1, int(setup.threads)))
             engine = StreamingApproximant(setup.geometry, options=setup.options,
-                                          keep_slices=True, device=setup.device,
+                                          keep_slices=True, device=_this_workers(setup.device),
                                           projection_iterations=setup.projection_iterations)
             _ENGINES[setup.run_uid] = engine
         return engine
@@ -148,7 +165,8 @@ def reconstruct(checkpoint: str, device: str, threads: int, volume: np.ndarray,
     from apt_stream.model import load_checkpoint
     from apt_stream.reconstruct import apt_volumes
 
-    key = (str(checkpoint), str(device))
+    device = str(_this_workers(device))
+    key = (str(checkpoint), device)
     with _LOCK:
         model = _MODELS.get(key)
         if model is None:

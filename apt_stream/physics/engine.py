@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from apt_stream.devices import host_to_device
 from apt_stream.errors import InputError
 from apt_stream.physics import geometry
 from apt_stream.physics.allocator import keep_freed_memory
@@ -164,7 +165,7 @@ class AngleState:
         if self.finished:
             raise InputError("this angle is finished; frames can no longer be added")
         t0 = time.perf_counter()
-        frames_t = torch.as_tensor(np.asarray(frames, dtype=np.float32)).to(self.device)
+        frames_t = host_to_device(np.asarray(frames, dtype=np.float32), self.device)
         pos_t = torch.as_tensor(np.asarray(positions_px, dtype=np.float64))
         _check_frames(frames_t, pos_t, self.frame_hw)
         if shifted:
