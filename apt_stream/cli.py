@@ -507,6 +507,7 @@ def train(
     init: Annotated[Path | None, typer.Option(
         help="Start from this checkpoint's weights (same preset), fresh optimiser and schedule.")] = None,
     lr: Annotated[float, typer.Option(help="Initial learning rate (the paper: 2e-4).")] = 2e-4,
+    device: _DEVICE = "auto",
 ) -> None:
     """Train the APT network on the wide design space with random angle sets (resumable).
 
@@ -514,8 +515,12 @@ def train(
     labels from the gold-standard reconstruction of GOLD (no ground truth needed).
     """
     with _errors():
+        from apt_stream.devices import resolve_device
+
+        device = str(resolve_device(device))
         if finetune is not None or gold is not None:
-            _finetune(finetune, gold, scan or [], out_dir, epochs, seed, min(samples_per_epoch, 128))
+            _finetune(finetune, gold, scan or [], out_dir, epochs, seed, min(samples_per_epoch, 128),
+                      device=device)
             return
         from apt_stream.errors import ConfigError
         from apt_stream.sim.acquisition import AcquisitionRanges
@@ -537,6 +542,7 @@ def train(
             files, out_dir=out_dir, preset=preset, epochs=epochs,
             samples_per_epoch=samples_per_epoch, resume=resume, seed=seed, jobs=jobs,
             marginal_weight=marginal_weight, metal_weight=metal_weight, init=init, lr=lr,
+            device=device,
         )
         _print_json({
             "best": str(result.best_path), "best_epoch": result.best_epoch,
@@ -558,14 +564,14 @@ def _ints(text: str, n: int, option: str) -> tuple[int, ...]:
     return values
 
 
-def _finetune(checkpoint, gold, scans, out_dir, epochs, seed, samples) -> None:
+def _finetune(checkpoint, gold, scans, out_dir, epochs, seed, samples, *, device: str) -> None:
     from apt_stream.errors import ConfigError
     from apt_stream.finetune import finetune_on_gold
 
     if checkpoint is None or gold is None:
         raise ConfigError("fine-tuning needs both --finetune CHECKPOINT and --gold GOLD.h5")
     result = finetune_on_gold(checkpoint, gold, scans, out_dir=out_dir, epochs=min(epochs, 40), seed=seed,
-                              samples_per_epoch=samples)
+                              samples_per_epoch=samples, device=device)
     _print_json(result)
 
 

@@ -61,6 +61,7 @@ def finetune_on_gold(
     range_deg: tuple[float, float] = (12.0, 25.0),
     seed: int = 0,
     progress: Any = True,
+    device: str = "cpu",
 ) -> dict:
     """Fine-tune ``checkpoint`` on the gold scan's region; returns paths and the gain on held data.
 
@@ -89,10 +90,11 @@ def finetune_on_gold(
                                   **inputs)
     val_ds = RandomAngleDataset(banks[:1], patch_xy=patch, samples_per_epoch=48, sampling=sampling,
                                 fixed_seed=777, **inputs)
-    before = evaluate(model, val_ds)["pcc"]
+    model.to(device)
+    before = evaluate(model, val_ds, device=device)["pcc"]
     result = train(
         model, train_ds, val_ds, epochs=epochs, out_dir=out_dir, seed=seed, progress=progress,
-        lr=FINETUNE_LR, lr_decay_epochs=max(epochs, 1) * 5 // 4,
+        lr=FINETUNE_LR, lr_decay_epochs=max(epochs, 1) * 5 // 4, device=device,
         provenance={"finetuned_from": str(checkpoint), "finetuned_from_sha256": meta.get("sha256"),
                     "gold_scan": str(gold_path), "scans": [str(p) for p in scan_paths],
                     "labels": "SART over every angle of the gold scan"},
@@ -102,4 +104,5 @@ def finetune_on_gold(
         "gold_region_pcc_before": round(float(before), 4),
         "gold_region_pcc_after": round(-float(result.best_val_loss), 4),
         "seconds": round(time.perf_counter() - t0, 1),
+        "device": str(device),
     }

@@ -128,6 +128,7 @@ def train_general_model(
     metal_weight: float = 0.0,
     init: str | Path | None = None,
     lr: float | None = None,
+    device: str = "cpu",
 ):
     """Train the network on random angle sets from the banks (NPCC, Adam, poly LR, batch 4).
 
@@ -161,7 +162,7 @@ def train_general_model(
     return model, train(
         model, train_ds, val_ds, epochs=epochs, out_dir=out_dir, resume=resume or None, seed=seed,
         progress=progress, lr_decay_epochs=max(epochs, 1) * 5 // 4, marginal_weight=marginal_weight,
-        metal_weight=metal_weight,
+        metal_weight=metal_weight, device=device,
         **({"lr": lr} if lr is not None else {}),
         provenance={"recipe": "apt_stream.training_run", "design_space": "apt_stream.sim.design",
                     "acquisition": "apt_stream.sim.acquisition", "bank_files": [str(p) for p in bank_paths],
