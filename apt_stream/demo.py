@@ -36,7 +36,6 @@ DEFAULT_RATE_HZ = 40.0
 DEMO_LIVE_EVERY = 10
 
 
-
 def next_run_dir(work: Path) -> Path:
     """A new ``run-NNN`` folder under the demo folder: one per demo run, so a second run's scan,
     previews and logs never mix with the first's (Tiled and Prefect keep one store for all)."""
