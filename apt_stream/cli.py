@@ -874,16 +874,18 @@ def evaluate(
     response: Annotated[bool, typer.Option(
         help="Also scan vacuum and the z-flipped chip (does the output follow the input?); "
              "--no-response skips those three extra scans.")] = True,
+    device: _DEVICE = "auto",
 ) -> None:
     """APT (+ raw) vs FBP/SIRT/SART and the gold standard, out of family and in family.
 
     A quick look (minutes, not the full study): --phantoms 1 --no-sweeps --gold-angles 15 --no-response.
     """
     with _errors():
+        from apt_stream.devices import resolve_device
         from apt_stream.errors import ConfigError
         from apt_stream.evaluation import FAMILIES, run_evaluation, write_results_md
 
-
+        device = str(resolve_device(device))
         families = family or list(FAMILIES)
         unknown = [f for f in families if f not in FAMILIES]
         if unknown:
@@ -895,7 +897,7 @@ def evaluate(
             figures_dir, checkpoint=checkpoint, n_phantoms=phantoms, families=families,
             sweeps=sweeps, exclude_z=exclude_z, jobs=jobs,
             progress=lambda msg: console.print(f"[dim]{msg}[/]"),
-            gold_angles=gold_angles, response=response,
+            gold_angles=gold_angles, response=response, device=device,
         )
         md = write_results_md(summary, out_dir / "results.md", command=" ".join(["apt-stream", *sys.argv[1:]]))
         _print_json({"results": str(md),

@@ -38,6 +38,8 @@ class AngleBank:
     projections: dict[int, np.ndarray]  # angle index -> (ny, Nx) from GOLD_ITERATIONS
     #: angle index -> (ny, Nx) from the Approximant's two iterations (the network's input)
     input_projections: dict[int, np.ndarray] = field(default_factory=dict)
+    #: where the network, the Approximant's assembly and the baselines run (``deltas`` live there)
+    device: str = "cpu"
 
     def projection_set(self, indices: Sequence[int], *, refined: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(angles, projections) sorted by angle, as the live engine's ``projections(refined=)``."""
@@ -51,7 +53,8 @@ class AngleBank:
         from apt_stream.reconstruct import apt_volumes
 
         return apt_volumes(model, self.approximant(indices), projections=self.projection_set(indices),
-                           input_projections=self.projection_set(indices, refined=False))
+                           input_projections=self.projection_set(indices, refined=False),
+                           device=self.device)
 
     def approximant(self, indices: Sequence[int]) -> np.ndarray:
         from apt_stream.physics.engine import ApproximantAccumulator
@@ -59,7 +62,7 @@ class AngleBank:
         scan = self.scan
         acc = ApproximantAccumulator(
             shape_zyx=scan.volume_shape_zyx, frame_px=scan.frame_shape[0],
-            wavelength_m=scan.wavelength_m,
+            wavelength_m=scan.wavelength_m, device=self.device,
         )
         for n in indices:
             acc.add_delta(float(scan.angles_deg[n]), self.deltas[n])
@@ -71,20 +74,23 @@ class AngleBank:
         order = sorted(indices, key=lambda n: self.scan.angles_deg[n])
         angles = np.array([self.scan.angles_deg[n] for n in order])
         proj = np.stack([self.projections[n] for n in order])
-        return baseline_volumes(angles, proj, self.scan.volume_shape_zyx, which=which)
+        return baseline_volumes(angles, proj, self.scan.volume_shape_zyx, which=which,
+                                device=self.device)
 
 
-def bank_of(scan, *, progress: Callable | None = None, iterations: int = GOLD_ITERATIONS) -> AngleBank:
+def bank_of(scan, *, progress: Callable | None = None, iterations: int = GOLD_ITERATIONS,
+            device: str = "cpu") -> AngleBank:
     from apt_stream.physics.engine import approximant_from_scan
 
     engine = approximant_from_scan(
-        scan, keep_slices=True, projection_iterations=iterations, progress=progress
+        scan, keep_slices=True, projection_iterations=iterations, progress=progress, device=device
     )
     return AngleBank(
         scan=scan,
         deltas={n: s.delta for n, s in engine.summaries.items()},
         projections={n: s.projection for n, s in engine.summaries.items()},
         input_projections={n: s.input_projection for n, s in engine.summaries.items()},
+        device=str(device),
     )
 
 
@@ -126,6 +132,7 @@ def evaluate_phantom(
     sweeps: bool = True,
     exclude_z: Sequence[int] | None = None,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> PhantomResult:
     """Score APT (data-consistent and raw), FBP/SIRT/SART and the gold standard on one phantom.
 
@@ -142,11 +149,11 @@ def evaluate_phantom(
         gs = get_preset(preset).gold_scan
         gold_setting = (gs.n_angles, gs.angle_range_deg)
     say(f"phantom {seed}: gold scan ({gold_setting[0]} angles over ±{gold_setting[1]}°)")
-    gold_bank = bank_of(make(*gold_setting))
+    gold_bank = bank_of(make(*gold_setting), device=device)
     truth = gold_bank.scan.truth
     gold = gold_bank.baselines(list(range(gold_bank.scan.n_angles)), which=("sart",))["sart"]
     say(f"phantom {seed}: N* scan ({n_star} angles over ±{theta_star}°)")
-    star_bank = bank_of(make(n_star, theta_star))
+    star_bank = bank_of(make(n_star, theta_star), device=device)
     star = list(range(star_bank.scan.n_angles))
     approximant = star_bank.approximant(star)
     volumes = {"approximant": approximant, **star_bank.apt(model, star)}
@@ -186,7 +193,8 @@ def evaluate_phantom(
 
     result = PhantomResult(seed=seed, main=main, vs_gold=vs_gold, volumes={**volumes, "truth": truth.delta},
                            network_input=network_input(model, approximant,
-                                                       star_bank.projection_set(star, refined=False)),
+                                                       star_bank.projection_set(star, refined=False),
+                                                       device=device),
                            note=note)
     if sweeps:
         for n in N_SWEEP:
@@ -202,7 +210,7 @@ def evaluate_phantom(
                 src = gold_bank
             else:  # narrower than the gold spacing allows: scan this range itself
                 say(f"phantom {seed}: scanning ±{theta}°")
-                src = bank_of(make(n_star, theta))
+                src = bank_of(make(n_star, theta), device=device)
             idx = list(select_angles(src.scan.angles_deg, n_star, theta))
             row = {"n": n_star, "range_deg": theta}
             row.update(_sweep_scores(model, src, idx, truth, exclude_z))
@@ -228,7 +236,7 @@ def _rms(v: np.ndarray) -> float:
 
 
 def input_response(
-    model, make: ScanMaker, *, n_star: int = 29, theta_star: float = 17.0
+    model, make: ScanMaker, *, n_star: int = 29, theta_star: float = 17.0, device: str = "cpu"
 ) -> dict[str, float]:
     """Does the output follow the input? Vacuum in → vacuum out; a z-flipped chip → flipped volume.
 
@@ -242,10 +250,10 @@ def input_response(
     def run(bank: AngleBank) -> dict[str, np.ndarray]:
         return bank.apt(model, list(range(bank.scan.n_angles)))
 
-    sample_bank = bank_of(make(n_star, theta_star))
+    sample_bank = bank_of(make(n_star, theta_star), device=device)
     sample = run(sample_bank)
-    vacuum = run(bank_of(make(n_star, theta_star, vacuum=True)))
-    flipped = run(bank_of(make(n_star, theta_star, flip_z=True)))
+    vacuum = run(bank_of(make(n_star, theta_star, vacuum=True), device=device))
+    flipped = run(bank_of(make(n_star, theta_star, flip_z=True), device=device))
     delta_rms = _rms(sample_bank.scan.truth.delta)
     out: dict[str, float] = {}
     for name in sample:
@@ -406,7 +414,7 @@ def _calibration_pair(args: tuple) -> tuple[np.ndarray, np.ndarray]:
 def evaluate_family(
     name: str, model, *, n_phantoms: int | None = None, sweeps: bool = True,
     exclude_z: Sequence[int] | None = None, progress: Callable[[str], None] | None = None,
-    gold_angles: int | None = None, response: bool = True,
+    gold_angles: int | None = None, response: bool = True, device: str = "cpu",
 ) -> tuple[dict, list[PhantomResult]]:
     """Mean tables (and the vacuum / flip response on the first phantom) over one family.
 
@@ -419,7 +427,7 @@ def evaluate_family(
     gold = (int(gold_angles), fam["gold"][1]) if gold_angles else tuple(fam["gold"])
     results = [
         evaluate_phantom(seed, model, scan_maker=fam["maker"](seed), gold_setting=gold,
-                         sweeps=sweeps, exclude_z=exclude_z, progress=progress)
+                         sweeps=sweeps, exclude_z=exclude_z, progress=progress, device=device)
         for seed in seeds
     ]
     if progress and response:
@@ -427,7 +435,7 @@ def evaluate_family(
     summary = {
         "what": fam["what"], "phantoms": seeds, "gold_setting": list(gold),
         "main": _mean_table(results, "main"), "vs_gold": _mean_table(results, "vs_gold"),
-        "response": input_response(model, fam["maker"](seeds[0])) if response else {},
+        "response": input_response(model, fam["maker"](seeds[0]), device=device) if response else {},
         "per_phantom": [{"seed": r.seed, "main": r.main, "seconds": round(r.seconds, 1)} for r in results],
     }
     if sweeps:
@@ -437,7 +445,7 @@ def evaluate_family(
 
 
 def _family_job(args: tuple, progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
-    name, checkpoint, n_phantoms, sweeps, exclude_z, gold_angles, response = args
+    name, checkpoint, n_phantoms, sweeps, exclude_z, gold_angles, response, device = args
     from apt_stream.reconstruct import load_model
 
     if progress is None:
@@ -445,10 +453,11 @@ def _family_job(args: tuple, progress: Callable[[str], None] | None = None) -> t
 
         torch.set_num_threads(1)
         progress = print
-    model, _ = load_model(checkpoint)
+    model, _ = load_model(checkpoint, device=device)
     fam_summary, results = evaluate_family(name, model, n_phantoms=n_phantoms, sweeps=sweeps,
                                            exclude_z=exclude_z, progress=progress,
-                                           gold_angles=gold_angles, response=response)
+                                           gold_angles=gold_angles, response=response,
+                                           device=device)
     return fam_summary, {**results[0].volumes, "network input": results[0].network_input}
 
 
@@ -464,6 +473,7 @@ def run_evaluation(
     progress: Callable[[str], None] | None = None,
     gold_angles: int | None = None,
     response: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """Evaluate every family; write results.json and figures into out_dir (figures of the first).
 
@@ -480,8 +490,9 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     model, meta = load_model(checkpoint)
     summary: dict = {"model": {"preset": meta.get("preset"), "sha256": meta.get("sha256")},
-                     "excluded_z": list(exclude_z or []), "families": {}}
-    args = [(name, checkpoint, n_phantoms, sweeps, exclude_z, gold_angles, response) for name in families]
+                     "excluded_z": list(exclude_z or []), "device": str(device), "families": {}}
+    args = [(name, checkpoint, n_phantoms, sweeps, exclude_z, gold_angles, response, device)
+            for name in families]
     if jobs > 1 and len(families) > 1:
         import multiprocessing as mp
 

@@ -101,6 +101,7 @@ def tiny_scan(tmp_path_factory) -> Path:
     ["reconstruct", "{scan}", "-o", "{out}"],
     ["demo", "--offline", "--preset", "tiny", "--workdir", "{work}"],
     ["train", "--banks", "{work}", "--out", "{out}"],
+    ["evaluate", "--out", "{work}", "--phantoms", "1", "--no-sweeps"],
 ])
 def test_device_cuda_without_a_gpu_stops_every_command_before_it_works(command, tiny_scan,
                                                                       tmp_path):
