@@ -508,12 +508,18 @@ def convergence_png(rows: list[Mapping[str, Any]], path: str | Path, *,
     top.plot(n, series("resolution"), "s-", label="resolution (× Nyquist)")
     top.set_ylim(0, 1.05)
     top.set_ylabel("agreement")
+    plotted = False
     for key, label, marker in (("change", "change between estimates", "o-"),
                                ("heldout_residual", "held-out residual", "^-")):
         values = [v if v > 0 else math.nan for v in series(key)]
         if any(math.isfinite(v) for v in values):
             bottom.plot(n, values, marker, label=label)
-    bottom.set_yscale("log")
+            plotted = True
+    if plotted:
+        bottom.set_yscale("log")
+    else:  # the first estimate: nothing to compare with yet
+        bottom.text(0.5, 0.5, "change and held-out residual: from the second estimate on",
+                    transform=bottom.transAxes, ha="center", va="center", fontsize=8, color="0.4")
     bottom.set_xlabel("finished angles")
     bottom.set_ylabel("relative")
     stops = [int(r["n_angles"]) for r in rows if r.get("stop")]
@@ -526,7 +532,8 @@ def convergence_png(rows: list[Mapping[str, Any]], path: str | Path, *,
                        label=f"N* = {n_star}" if ax is top else None)
         ax.grid(alpha=0.3)
     top.legend(fontsize=7, loc="lower right")
-    bottom.legend(fontsize=7, loc="upper right")
+    if plotted:
+        bottom.legend(fontsize=7, loc="upper right")
     if title:
         top.set_title(title, fontsize=9)
     path = Path(path)

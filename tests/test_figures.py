@@ -170,3 +170,21 @@ def test_shapes_must_match():
         cross_sections_figure({"apt": np.zeros((4, 4, 4)), "sart": np.zeros((4, 4, 5))})
     with pytest.raises(ValueError, match="no volumes"):
         cross_sections_figure({})
+
+
+def test_convergence_plot_of_the_first_estimate_says_what_is_missing_and_warns_nothing(tmp_path):
+    """One estimate has no change and no held-out residual yet: the lower panel says so instead
+    of an empty log axis with an empty legend (which matplotlib warned about in every live run)."""
+    import warnings
+
+    from apt_stream.figures import convergence_png
+
+    first = {"n_angles": 5, "frc_half": 0.4, "resolution": 0.3, "change": None,
+             "heldout_residual": None}
+    second = {"n_angles": 7, "frc_half": 0.5, "resolution": 0.4, "change": 0.1,
+              "heldout_residual": 0.2, "stop": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = convergence_png([first], tmp_path / "one.png", n_star=29)
+        two = convergence_png([first, second], tmp_path / "two.png", n_star=29)
+    assert one.stat().st_size > 5_000 and two.stat().st_size > 5_000
