@@ -199,9 +199,17 @@ def check(
             raise typer.Exit(2)
 
 
-#: Every command that computes: checked by apt_stream.devices.resolve_device before any work.
+#: Every command that computes: checked by :func:`_device` before any work.
 _DEVICE = Annotated[str, typer.Option(help="Where to compute: cpu, cuda, cuda:N or auto (auto: "
                                       "CUDA when torch sees a GPU, else cpu).")]
+
+
+def _device(name: str) -> str:
+    """``--device`` resolved (apt_stream.devices), or the InputError that ``_errors`` prints."""
+    from apt_stream.devices import resolve_device
+
+    return str(resolve_device(name))
+
 
 @app.command()
 def approximant(
@@ -217,12 +225,11 @@ def approximant(
 ) -> None:
     """Compute the multislice Approximant of a scan (optionally of an angle subset)."""
     with _errors():
-        from apt_stream.devices import resolve_device
         from apt_stream.offline_approximant import approximant_of_file
 
         result = approximant_of_file(
             scan_path, output, n_angles=angles, range_deg=range_deg, batch_size=batch_size,
-            png=png, progress_factory=progress_bar, device=str(resolve_device(device)),
+            png=png, progress_factory=progress_bar, device=_device(device),
         )
         _print_json(result)
 
@@ -302,11 +309,10 @@ def demo(
 
     with _errors():
         if offline:
-            from apt_stream.devices import resolve_device
             from apt_stream.offline_demo import offline_demo
 
             summary = offline_demo(workdir, preset=preset, seed=seed, progress_factory=progress_bar,
-                                   device=str(resolve_device(device)))
+                                   device=_device(device))
         else:
             from apt_stream.demo import live_demo
 
@@ -355,9 +361,7 @@ def reconstruct(
     engine, trigger and Tiled publishing) and its result links back to the raw run.
     """
     with _errors():
-        from apt_stream.devices import resolve_device
-
-        device = str(resolve_device(device))
+        device = _device(device)
         if "://" in scan_path:
             from apt_stream.cli_tiled import reconstruct_tiled
 
@@ -515,9 +519,7 @@ def train(
     labels from the gold-standard reconstruction of GOLD (no ground truth needed).
     """
     with _errors():
-        from apt_stream.devices import resolve_device
-
-        device = str(resolve_device(device))
+        device = _device(device)
         if finetune is not None or gold is not None:
             _finetune(finetune, gold, scan or [], out_dir, epochs, seed, min(samples_per_epoch, 128),
                       device=device)
@@ -781,9 +783,7 @@ def listen(
             from apt_stream.flows.settings import apply_offline_env
 
             apply_offline_env()
-            from apt_stream.devices import resolve_device
-
-            device = str(resolve_device(device))  # a wrong --device: one line, before Prefect
+            device = _device(device)  # a wrong --device: one line, before Prefect
             say(f"starting: {zmq} (N* = {n_star}, θ* = ±{theta_star}°, on {device})")
             with prefect_api(should_abort=stop.is_set, while_starting=warm_imports,
                              say=say) as api:
@@ -881,11 +881,10 @@ def evaluate(
     A quick look (minutes, not the full study): --phantoms 1 --no-sweeps --gold-angles 15 --no-response.
     """
     with _errors():
-        from apt_stream.devices import resolve_device
         from apt_stream.errors import ConfigError
         from apt_stream.evaluation import FAMILIES, run_evaluation, write_results_md
 
-        device = str(resolve_device(device))
+        device = _device(device)
         families = family or list(FAMILIES)
         unknown = [f for f in families if f not in FAMILIES]
         if unknown:

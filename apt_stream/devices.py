@@ -9,6 +9,7 @@ over them, one model per GPU (:func:`worker_device`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from apt_stream.errors import InputError
@@ -67,8 +68,6 @@ def host_to_device(array, device: torch.device, dtype: torch.dtype = torch.float
     A pinned (page-locked) host copy lets the transfer run by DMA without a staging copy and
     without blocking the host; later work on the same stream is ordered after it.
     """
-    import numpy as np
-
     t = torch.as_tensor(np.asarray(array)).to(dtype)
     if device.type != "cuda":
         return t
