@@ -37,7 +37,7 @@ import torch
 
 from apt_stream.benchmarks.timing import interleaved, ratio, spread
 from apt_stream.config import ProbeOptions, get_preset
-from apt_stream.physics import geometry
+from apt_stream.physics import fused, geometry
 from apt_stream.physics.engine import AngleState, EngineOptions, batch_reference
 from apt_stream.physics.multislice import angular_spectrum_kernel, simulate_intensity
 from apt_stream.sim.acquire import lab_slab_integrals, slab_transmission, true_slice_phases
@@ -199,13 +199,19 @@ def run_ptychi(case: dict, python: str | os.PathLike) -> dict:
 
 
 def engine_vs_floor(case: dict, *, rounds: int) -> tuple[dict[str, list[float]], np.ndarray]:
-    """Seconds of the engine and of its FFT floor over interleaved rounds, and the engine's phases."""
+    """Seconds of the engine (with its fused loops where they build, and on torch ops alone) and
+    of its FFT floors over interleaved rounds, and the engine's phases."""
     out: dict = {}
 
     def engine_once() -> None:
         out["phases"] = time_engine(case, repeats=1)[1]
 
+    def torch_ops_once() -> None:
+        with fused.torch_ops_only():
+            time_engine(case, repeats=1)
+
     times = interleaved({"engine": engine_once,
+                         "engine_torch_ops": torch_ops_once,
                          "floor": lambda: time_fft_floor(case, repeats=1),
                          "own_floor": lambda: time_fft_floor(case, repeats=1, own=True)},
                         rounds=rounds)
@@ -252,6 +258,9 @@ def run_all(*, quick: bool = False, ptychi_python: str | os.PathLike | None = No
             "engine_over_own_floor": over_own["value"],
             "engine_over_own_floor_spread": over_own,
             "measurement_fault": over_own["value"] > 1.0,
+            # the same engine without the fused C loops (no compiler, a GPU, APT_STREAM_FUSED=0)
+            "engine_torch_ops_over_floor": ratio(times["floor"], times["engine_torch_ops"]),
+            "engine_torch_ops_seconds": spread(times["engine_torch_ops"]),
             "engine_over_autograd": t_auto / t_eng,
             "engine_fidelity_pcc": slice_fidelity(ph_eng, case),
             # the stochastic pass-1 variant: a step per 8-frame batch as frames arrive
@@ -271,6 +280,7 @@ def run_all(*, quick: bool = False, ptychi_python: str | os.PathLike | None = No
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "engine_loops": fused.status(),
         "iterations": 2,
         "rows": rows,
     }

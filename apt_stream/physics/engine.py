@@ -41,15 +41,16 @@ from apt_stream.physics.allocator import keep_freed_memory
 from apt_stream.physics.multislice import (
     FlatStart,
     PatchIndex,
+    RampFactors,
+    add_illumination,
+    add_windows,
     angular_spectrum_kernel,
     extract_patches,
-    extract_windows,
     flat_start_loss_and_gradient,
-    loss_and_gradient,
     probe_illumination,
     scatter_patches,
-    shift_ramps,
     shifted_probes,
+    window_loss_and_gradient,
 )
 
 
@@ -86,10 +87,26 @@ def _check_frames(frames: torch.Tensor, positions: torch.Tensor, hw: tuple[int, 
         raise InputError(
             f"{frames.shape[0]} frames but {positions.shape[0]} positions: lengths must match"
         )
-    if not torch.isfinite(frames).all():
+    if frames.numel() == 0:
+        return
+    # One reduction pass (NaN propagates into both ends) instead of two masks over the batch.
+    low, high = (float(v) for v in torch.aminmax(frames))
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise InputError("frames contain NaN or Inf")
-    if bool((frames < 0).any()):
+    if low < 0:
         raise InputError("frames contain negative intensities")
+
+
+def _sqrt_counts(frames: torch.Tensor) -> torch.Tensor:
+    """√I of a (shifted, owned) frame batch, in place.
+
+    On the CPU numpy's square root is used: torch's takes a slow path on exact zeros, and most
+    pixels of a photon-counting frame are 0 (0.66 ms against 0.14 ms for 90 frames of 64²).
+    """
+    if frames.device.type == "cpu":
+        np.sqrt(frames.numpy(), out=frames.numpy())
+        return frames
+    return frames.sqrt_()
 
 
 class AngleState:
@@ -168,9 +185,10 @@ class AngleState:
         frames_t = host_to_device(np.asarray(frames, dtype=np.float32), self.device)
         pos_t = torch.as_tensor(np.asarray(positions_px, dtype=np.float64))
         _check_frames(frames_t, pos_t, self.frame_hw)
-        if shifted:
-            frames_t = torch.fft.ifftshift(frames_t, dim=(-2, -1))
-        sqrt_i = torch.sqrt(frames_t)
+        # The shift copies the caller's frames; unshifted ones are copied here, so √I can be taken
+        # in place without touching the caller's array.
+        frames_t = torch.fft.ifftshift(frames_t, dim=(-2, -1)) if shifted else frames_t.clone()
+        sqrt_i = _sqrt_counts(frames_t)
         index = PatchIndex.from_positions(pos_t, self.frame_hw, self.field_shape).to(self.device)
         batch_illum = torch.zeros_like(self._illumination)
         if self.options.pass1 == "accumulate":
@@ -242,16 +260,15 @@ class AngleState:
         total = 0.0
         chunk = self.options.chunk_frames
         for sqrt_i, index, probe_chunks in batches:
-            flat = index.flat(nx)
-            origins = index.origins()
+            origins = index.origin_tensor()
             for k, probes in enumerate(probe_chunks):
                 sl = slice(k * chunk, (k + 1) * chunk)
-                patches = extract_windows(self.slices, origins[sl], self.frame_hw)
-                loss, g = loss_and_gradient(
-                    patches, probes, sqrt_i[sl], self.kernel, eps=self.options.amplitude_eps
+                loss, g = window_loss_and_gradient(
+                    self.slices, origins[sl], probes, sqrt_i[sl], self.kernel,
+                    eps=self.options.amplitude_eps,
                 )
                 total += loss
-                scatter_patches(grad, g, flat[sl])
+                add_windows(grad, g, origins[sl])
         return grad, total
 
     def _flat_start_gradient(
@@ -266,26 +283,27 @@ class AngleState:
             self._flat = FlatStart.build(self.probe, self.kernel, self.n_slices)
         n_slices, (ny, nx) = self.n_slices, self.field_shape
         grad = torch.zeros((n_slices, ny, nx), dtype=torch.complex64, device=self.device)
-        flat_index = index.flat(nx)
+        origins = index.origin_tensor()
+        ramps = RampFactors.of(index.frac, self.frame_hw, device=self.device)
         total, probes = 0.0, []
         chunk = self.options.chunk_frames
         for start in range(0, sqrt_i.shape[0], chunk):
             sl = slice(start, start + chunk)
-            ramps = shift_ramps(index.frac[sl], self.frame_hw, device=self.device, factored=True)
             loss, g, p = flat_start_loss_and_gradient(
-                self._flat, ramps, sqrt_i[sl], eps=self.options.amplitude_eps
+                self._flat, ramps[sl], sqrt_i[sl], eps=self.options.amplitude_eps
             )
             total += loss
             probes.append(p)
-            scatter_patches(grad, g, flat_index[sl])
-            scatter_patches(illumination, probe_illumination(p)[None], flat_index[sl])
+            add_windows(grad, g, origins[sl])
+            add_illumination(illumination, p, origins[sl])
         return grad, total, probes
 
     def _apply(self, grad: torch.Tensor, illum: torch.Tensor) -> None:
         """The preconditioned step O ← O − (α/L)·∂L/∂O* / (Λ + floor·max Λ)."""
         floor = self.options.illumination_floor * illum.amax(dim=(-2, -1), keepdim=True)
         step = self.options.step_size / self.n_slices
-        self.slices -= step * grad / (illum + floor + 1e-30)
+        # The real factor made complex first: complex-by-real arithmetic is a slow path on CPU.
+        self.slices -= grad * (step / (illum + floor + 1e-30)).to(grad.dtype)
 
     def phases(self) -> torch.Tensor:
         """Slice phases arg(O_l), (L, Ny, Nx) float32."""

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from apt_stream.errors import InputError
+from apt_stream.physics import fused
 
 
 def angular_spectrum_kernel(
@@ -79,21 +80,49 @@ def shift_ramps(
     rounding). The engine uses it; the simulator keeps the direct form so simulated data do not
     change.
     """
-    h, w = hw
-    fy = torch.fft.fftfreq(h, device=device, dtype=torch.float32)
-    fx = torch.fft.fftfreq(w, device=device, dtype=torch.float32)
-    fy_dy = frac_yx[:, 0, None].float().to(device) * fy[None, :]
-    fx_dx = frac_yx[:, 1, None].float().to(device) * fx[None, :]
     if factored:
-        one = torch.ones((), device=device)
-        rows = torch.polar(one, -2 * math.pi * fy_dy)
-        cols = torch.polar(one, -2 * math.pi * fx_dx)
-        return (rows[:, :, None] * cols[:, None, :]).unsqueeze(1)
+        return RampFactors.of(frac_yx, hw, device=device).full()
+    fy_dy, fx_dx = _phase_args(frac_yx, hw, device)
     ramp = torch.polar(
         torch.ones((), device=device),
         -2 * math.pi * (fy_dy[:, :, None] + fx_dx[:, None, :]),
     )
     return ramp.unsqueeze(1)
+
+
+def _phase_args(frac_yx: torch.Tensor, hw: tuple[int, int], device):
+    h, w = hw
+    fy = torch.fft.fftfreq(h, device=device, dtype=torch.float32)
+    fx = torch.fft.fftfreq(w, device=device, dtype=torch.float32)
+    fy_dy = frac_yx[:, 0, None].float().to(device) * fy[None, :]
+    fx_dx = frac_yx[:, 1, None].float().to(device) * fx[None, :]
+    return fy_dy, fx_dx
+
+
+@dataclass(frozen=True)
+class RampFactors:
+    """Shift ramps kept as a row ramp (B, h) and a column ramp (B, w): ``R = rows ⊗ cols``.
+
+    A batch's factors are a few kilobytes where its full ramps are a (B, h, w) complex array, so
+    the engine computes them once per batch; the fused pass-1 loop multiplies them out on the fly.
+    """
+
+    rows: torch.Tensor  # (B, h) complex64
+    cols: torch.Tensor  # (B, w) complex64
+
+    @classmethod
+    def of(cls, frac_yx: torch.Tensor, hw: tuple[int, int], *, device) -> RampFactors:
+        fy_dy, fx_dx = _phase_args(frac_yx, hw, device)
+        one = torch.ones((), device=device)
+        return cls(rows=torch.polar(one, -2 * math.pi * fy_dy),
+                   cols=torch.polar(one, -2 * math.pi * fx_dx))
+
+    def __getitem__(self, frames: slice) -> RampFactors:
+        return RampFactors(self.rows[frames], self.cols[frames])
+
+    def full(self) -> torch.Tensor:
+        """The ramps (B, 1, h, w)."""
+        return (self.rows[:, :, None] * self.cols[:, None, :]).unsqueeze(1)
 
 
 @dataclass(frozen=True)
@@ -145,6 +174,10 @@ class PatchIndex:
         """(row, column) of each window's first pixel."""
         return list(zip(self.rows[:, 0].tolist(), self.cols[:, 0].tolist(), strict=True))
 
+    def origin_tensor(self) -> torch.Tensor:
+        """(B, 2) int64 (row, column) of each window's first pixel, contiguous."""
+        return torch.stack([self.rows[:, 0], self.cols[:, 0]], dim=1).contiguous()
+
 
 def extract_patches(slices: torch.Tensor, flat_index: torch.Tensor, hw: tuple[int, int]):
     """Object windows (L, B, h, w) of the slices (L, Ny, Nx) at flat indices (B, h*w).
@@ -178,6 +211,30 @@ def scatter_patches(target: torch.Tensor, patches: torch.Tensor, flat_index: tor
     """Add patches (L, B, h, w) into target (L, Ny, Nx) in place (overlaps accumulate)."""
     n_slices = target.shape[0]
     target.view(n_slices, -1).index_add_(1, flat_index.reshape(-1), patches.reshape(n_slices, -1))
+
+
+def add_windows(target: torch.Tensor, patches: torch.Tensor, origins: torch.Tensor) -> None:
+    """:func:`scatter_patches` by window origins (B, 2): the fused loop where it applies."""
+    if fused.usable(target, patches, origins):
+        fused.scatter_add(target, patches, origins)
+        return
+    scatter_patches(target, patches, _flat_from_origins(origins, patches.shape[-2:], target.shape[-1]))
+
+
+def add_illumination(target: torch.Tensor, probes: torch.Tensor, origins: torch.Tensor) -> None:
+    """Add Σ_m |P_m|² of per-frame probes (B, M, h, w) into target (1, Ny, Nx) at the windows."""
+    if fused.usable(target, probes, origins):
+        fused.scatter_illumination(target[0], probes, origins)
+        return
+    flat = _flat_from_origins(origins, probes.shape[-2:], target.shape[-1])
+    scatter_patches(target, probe_illumination(probes)[None], flat)
+
+
+def _flat_from_origins(origins: torch.Tensor, hw, nx: int) -> torch.Tensor:
+    h, w = hw
+    rows = origins[:, :1] + torch.arange(h, device=origins.device)[None, :]
+    cols = origins[:, 1:] + torch.arange(w, device=origins.device)[None, :]
+    return (rows[:, :, None] * nx + cols[:, None, :]).reshape(origins.shape[0], -1)
 
 
 def forward_far_field(
@@ -231,7 +288,14 @@ def amplitude_residual(far: torch.Tensor, sqrt_intensity: torch.Tensor, *, eps: 
     diff = amp - sqrt_intensity
     loss = float(diff.square().sum())
     scale = diff.div_(amp.add_(eps))
-    return loss, far.mul_(scale.unsqueeze(1))
+    return loss, far.mul_(_as_complex(scale, far.dtype).unsqueeze(1))
+
+
+def _as_complex(real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``real`` cast to ``dtype``: CPU torch multiplies complex by real through a per-element
+    type cast, 4.5x slower than complex by complex at (8, 3, 64, 64); the cast of a per-frame
+    (B, h, w) factor costs a fraction of that."""
+    return real.to(dtype)
 
 
 def loss_and_gradient(
@@ -253,7 +317,8 @@ def loss_and_gradient(
     n_slices = obj_patches.shape[0]
     grad = torch.empty_like(obj_patches)
     # η at the exit: conj(F⁻¹_ortho[d]) = F_ortho[d̄]
-    eta = torch.fft.fft2(d_far.conj(), norm="ortho")
+    # (an in-place conjugate: a conjugate view as the FFT's input costs a copy)
+    eta = torch.fft.fft2(d_far.conj_physical_(), norm="ortho")
     for slab in range(n_slices - 1, -1, -1):
         # Past slab 0 the incident waves are this call's own and used for the last time here,
         # so the product overwrites them (no fresh, cache-cold buffer); slab 0 is the caller's probes.
@@ -265,6 +330,51 @@ def loss_and_gradient(
             eta.mul_(kernel)
             eta = torch.fft.fft2(eta)
     return loss, grad.conj_physical_()
+
+
+def window_loss_and_gradient(
+    slices: torch.Tensor,
+    origins: torch.Tensor,
+    probes: torch.Tensor,
+    sqrt_intensity: torch.Tensor,
+    kernel: torch.Tensor,
+    *,
+    eps: float = 1e-12,
+):
+    """:func:`loss_and_gradient` on the windows of ``slices`` (L, Ny, Nx) at ``origins`` (B, 2).
+
+    On the CPU the fused loops (:mod:`apt_stream.physics.fused`) read each window straight from
+    the slices and do the products, the amplitude residual and the adjoint's mode sums in one pass
+    each; the FFTs and the propagator products are the same torch calls as in
+    :func:`loss_and_gradient`, which is what runs everywhere else.
+    """
+    hw = tuple(probes.shape[-2:])
+    if not fused.usable(slices, origins, probes, sqrt_intensity):
+        patches = extract_windows(slices, [tuple(o) for o in origins.tolist()], hw)
+        return loss_and_gradient(patches, probes, sqrt_intensity, kernel, eps=eps)
+    n_slices = slices.shape[0]
+    incident = []
+    psi = probes
+    exit_wave = torch.empty_like(probes)
+    for slab in range(n_slices):
+        if slab > 0:
+            psi = torch.fft.fft2(exit_wave)
+            psi.mul_(kernel)
+            psi = torch.fft.ifft2(psi)
+        incident.append(psi)
+        fused.forward_exit(psi, slices[slab], origins, exit_wave)
+    far = torch.fft.fft2(exit_wave, norm="ortho")
+    loss = fused.residual_conj(far, sqrt_intensity, eps)
+    eta = torch.fft.fft2(far, norm="ortho")  # η at the exit, as in loss_and_gradient
+    grad = torch.empty((n_slices, probes.shape[0], *hw), dtype=probes.dtype, device=probes.device)
+    for slab in range(n_slices - 1, -1, -1):
+        fused.adjoint_slab(incident[slab], eta, slices[slab] if slab > 0 else None, origins,
+                           grad[slab])
+        if slab > 0:
+            eta = torch.fft.ifft2(eta)
+            eta.mul_(kernel)
+            eta = torch.fft.fft2(eta)
+    return loss, grad
 
 
 @dataclass(frozen=True)
@@ -307,9 +417,14 @@ class FlatStart:
 
 
 def flat_start_loss_and_gradient(
-    flat: FlatStart, ramps: torch.Tensor, sqrt_intensity: torch.Tensor, *, eps: float = 1e-12
+    flat: FlatStart,
+    ramps: torch.Tensor | RampFactors,
+    sqrt_intensity: torch.Tensor,
+    *,
+    eps: float = 1e-12,
 ):
-    """:func:`loss_and_gradient` at O = 1, from :class:`FlatStart` tables and shift ``ramps``.
+    """:func:`loss_and_gradient` at O = 1, from :class:`FlatStart` tables and shift ``ramps``
+    ((B, 1, h, w), or their :class:`RampFactors`).
 
     Returns the loss, ∂L/∂O* per object patch (L, B, h, w) and the shifted probes (B, M, h, w)
     (the incident wave at slab 0), which the later iterations reuse.
@@ -318,21 +433,35 @@ def flat_start_loss_and_gradient(
     diff = flat.amplitude - sqrt_intensity  # (B, h, w)
     loss = float(diff.square().sum())
     # ∂L/∂Ψ* = Ψ (A − √I)/A (amplitude_residual); the ortho FFT's 1/√N cancels in the inverse.
-    weighted_conj = ramps.conj() * diff.div_(flat.amplitude + eps).unsqueeze(1)
+    scale = diff.div_(flat.amplitude + eps)
     b = sqrt_intensity.shape[0]
     grad = torch.empty((n_slices, b, *sqrt_intensity.shape[-2:]), dtype=torch.complex64,
                        device=sqrt_intensity.device)
+    use_fused = isinstance(ramps, RampFactors) and fused.usable(
+        grad, ramps.rows, ramps.cols, scale, flat.incident_hat, flat.adjoint_hat_conj
+    )
+    if not use_fused:
+        full = ramps.full() if isinstance(ramps, RampFactors) else ramps
+        weighted_conj = torch.conj_physical(full).mul_(_as_complex(scale, full.dtype).unsqueeze(1))
     probes = None
     # The table-times-ramp products are only FFT inputs: one buffer for all of them.
     spectrum = torch.empty((b, *flat.incident_hat.shape[1:]), dtype=torch.complex64,
                            device=sqrt_intensity.device)
     for slab in range(n_slices):
-        psi = torch.fft.ifft2(torch.mul(flat.incident_hat[slab], ramps, out=spectrum))
-        eta = torch.fft.fft2(torch.mul(flat.adjoint_hat_conj[slab], weighted_conj, out=spectrum))
-        torch.sum(eta.mul_(psi), dim=1, out=grad[slab])
+        if use_fused:
+            psi = torch.fft.ifft2(fused.ramp_product(flat.incident_hat[slab], ramps.rows,
+                                                     ramps.cols, None, spectrum))
+            eta = torch.fft.fft2(fused.ramp_product(flat.adjoint_hat_conj[slab], ramps.rows,
+                                                    ramps.cols, scale, spectrum))
+            fused.mode_sum_conj(eta, psi, grad[slab])
+        else:
+            psi = torch.fft.ifft2(torch.mul(flat.incident_hat[slab], full, out=spectrum))
+            eta = torch.fft.fft2(torch.mul(flat.adjoint_hat_conj[slab], weighted_conj,
+                                           out=spectrum))
+            torch.sum(eta.mul_(psi), dim=1, out=grad[slab])
         if slab == 0:
             probes = psi
-    return loss, grad.conj_physical_(), probes
+    return loss, grad if use_fused else grad.conj_physical_(), probes
 
 
 def simulate_intensity(
