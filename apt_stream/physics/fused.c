@@ -18,15 +18,26 @@
 
 typedef int64_t i64;
 
+/* Offset (in floats) of row i of mode m of frame b in a (B, M, h, w) complex array. */
+static inline i64 wave_row(i64 b, i64 m, i64 i, i64 nm, i64 h, i64 w) {
+    return 2 * (((b * nm + m) * h + i) * w);
+}
+
+/* Row i of frame b's window in an (ny, nx) complex plane. */
+static inline const float *window_row(const float *plane, const i64 *origins, i64 b, i64 i,
+                                      i64 nx) {
+    return plane + 2 * ((origins[2 * b] + i) * nx + origins[2 * b + 1]);
+}
+
 /* exit[b, m] = psi[b, m] * slice[window b] for a (B, M, h, w) batch of waves. */
 void apt_forward_exit(const float *psi, const float *slice, const i64 *origins, i64 nb, i64 nm,
                       i64 h, i64 w, i64 nx, float *out, int threads) {
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (i64 b = 0; b < nb; b++) {
         for (i64 i = 0; i < h; i++) {
-            const float *o = slice + 2 * ((origins[2 * b] + i) * nx + origins[2 * b + 1]);
+            const float *o = window_row(slice, origins, b, i, nx);
             for (i64 m = 0; m < nm; m++) {
-                const i64 row = 2 * (((b * nm + m) * h + i) * w);
+                const i64 row = wave_row(b, m, i, nm, h, w);
                 const float *p = psi + row;
                 float *e = out + row;
                 for (i64 j = 0; j < w; j++) {
@@ -50,7 +61,7 @@ double apt_residual_conj(float *far, const float *sqrt_i, i64 nb, i64 nm, i64 h,
             float scale[w];
             for (i64 j = 0; j < w; j++) scale[j] = 0.0f;
             for (i64 m = 0; m < nm; m++) {
-                const float *f = far + 2 * (((b * nm + m) * h + i) * w);
+                const float *f = far + wave_row(b, m, i, nm, h, w);
                 for (i64 j = 0; j < w; j++) scale[j] += f[2 * j] * f[2 * j] + f[2 * j + 1] * f[2 * j + 1];
             }
             const float *s = sqrt_i + (b * h + i) * w;
@@ -63,7 +74,7 @@ double apt_residual_conj(float *far, const float *sqrt_i, i64 nb, i64 nm, i64 h,
             }
             loss += row_loss;
             for (i64 m = 0; m < nm; m++) {
-                float *f = far + 2 * (((b * nm + m) * h + i) * w);
+                float *f = far + wave_row(b, m, i, nm, h, w);
                 for (i64 j = 0; j < w; j++) {
                     f[2 * j] *= scale[j];
                     f[2 * j + 1] *= -scale[j];
@@ -84,9 +95,9 @@ void apt_adjoint_slab(const float *wave, float *eta, const float *slice, const i
         for (i64 i = 0; i < h; i++) {
             float acc[2 * w];
             for (i64 j = 0; j < 2 * w; j++) acc[j] = 0.0f;
-            const float *o = slice ? slice + 2 * ((origins[2 * b] + i) * nx + origins[2 * b + 1]) : 0;
+            const float *o = slice ? window_row(slice, origins, b, i, nx) : 0;
             for (i64 m = 0; m < nm; m++) {
-                const i64 row = 2 * (((b * nm + m) * h + i) * w);
+                const i64 row = wave_row(b, m, i, nm, h, w);
                 const float *p = wave + row;
                 float *e = eta + row;
                 for (i64 j = 0; j < w; j++) {
@@ -158,7 +169,7 @@ void apt_scatter_illumination(float *illum, const float *probes, const i64 *orig
                 if (r < lo || r >= hi) continue;
                 float *t = illum + r * nx + origins[2 * b + 1];
                 for (i64 m = 0; m < nm; m++) {
-                    const float *p = probes + 2 * (((b * nm + m) * h + i) * w);
+                    const float *p = probes + wave_row(b, m, i, nm, h, w);
                     for (i64 j = 0; j < w; j++) t[j] += p[2 * j] * p[2 * j] + p[2 * j + 1] * p[2 * j + 1];
                 }
             }
@@ -175,7 +186,7 @@ void apt_mode_sum_conj(const float *a, const float *c, i64 nb, i64 nm, i64 h, i6
             float acc[2 * w];
             for (i64 j = 0; j < 2 * w; j++) acc[j] = 0.0f;
             for (i64 m = 0; m < nm; m++) {
-                const i64 row = 2 * (((b * nm + m) * h + i) * w);
+                const i64 row = wave_row(b, m, i, nm, h, w);
                 const float *x = a + row, *y = c + row;
                 for (i64 j = 0; j < w; j++) {
                     const float xr = x[2 * j], xi = x[2 * j + 1], yr = y[2 * j], yi = y[2 * j + 1];
@@ -217,7 +228,7 @@ void apt_ramp_product(const float *table, const float *rows, const float *cols,
             }
             for (i64 m = 0; m < nm; m++) {
                 const float *t = table + 2 * ((m * h + i) * w);
-                float *o = out + 2 * (((b * nm + m) * h + i) * w);
+                float *o = out + wave_row(b, m, i, nm, h, w);
                 for (i64 j = 0; j < w; j++) {
                     const float tr = t[2 * j], ti = t[2 * j + 1];
                     o[2 * j] = tr * ramp[2 * j] - ti * ramp[2 * j + 1];
