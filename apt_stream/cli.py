@@ -776,6 +776,9 @@ def listen(
         import torch  # noqa: F401
 
         import apt_stream.flows.listen  # noqa: F401
+        from apt_stream.physics import fused
+
+        fused.library()  # the engine's CPU loops, compiled here on a node's first run
 
     stop = threading.Event()
     try:
